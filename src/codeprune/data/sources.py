@@ -1,0 +1,201 @@
+"""Text sources for calibration and evaluation, as lists of documents.
+
+A source spec is one of:
+    python-stdlib                     the running interpreter's standard library (tests excluded)
+    LANG:DIR                          source files of one language under DIR, e.g. java:~/src/jdk
+    FILE.txt / FILE.jsonl             plain text (cut into 200-line documents) / one document a line
+    hf:NAME[:CONFIG]:SPLIT:FIELD      a Hugging Face dataset (needs `pip install codeprune[hf]`)
+
+Documents carry a stable id (a relative path, a line number, a row index): the
+held-out split is decided from that id alone, so it never depends on the seed.
+Binary and non-UTF-8 files are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, CorpusError
+
+LANGUAGES: dict[str, tuple[str, ...]] = {
+    "python": (".py",),
+    "java": (".java",),
+    "cpp": (".cpp", ".cc", ".cxx", ".hpp", ".hh", ".hxx", ".h", ".tcc", ""),
+    "c": (".c", ".h"),
+    "javascript": (".js", ".mjs", ".cjs"),
+    "typescript": (".ts", ".tsx"),
+    "go": (".go",),
+    "rust": (".rs",),
+}
+# C++ standard headers have no extension (<vector>); for cpp an extension-less
+# file counts only when its first bytes look like C++ (see _looks_like_cpp).
+
+MAX_FILE_BYTES = 2_000_000  # larger files are skipped (generated code, minified bundles)
+TXT_DOC_LINES = 200
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+
+
+@dataclass
+class Corpus:
+    """The documents of one source, with what was skipped while reading it."""
+
+    spec: str
+    documents: list[Document]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+
+def read_source(spec: str, *, text_field: str = "text") -> Corpus:
+    """Read the documents of a source spec (see the module docstring)."""
+    if not spec or not spec.strip():
+        raise ConfigError("empty data source: use python-stdlib, LANG:DIR, FILE.txt, FILE.jsonl or hf:...")
+    if spec == "python-stdlib":
+        corpus = _read_dir(spec, python_stdlib_dir(), "python", exclude=_is_stdlib_test)
+    elif spec.startswith("hf:"):
+        corpus = _read_hf(spec, text_field)
+    elif spec.split(":", 1)[0] in LANGUAGES and ":" in spec:
+        lang, folder = spec.split(":", 1)
+        root = Path(folder).expanduser()
+        if not root.is_dir():
+            raise CorpusError(f"corpus folder not found: {folder}")
+        corpus = _read_dir(spec, root, lang)
+    elif spec.endswith((".txt", ".jsonl")):
+        corpus = _read_file(spec, Path(spec).expanduser(), text_field)
+    else:
+        raise ConfigError(
+            f"unknown data source '{spec}': use python-stdlib, LANG:DIR (LANG one of "
+            f"{', '.join(LANGUAGES)}), FILE.txt, FILE.jsonl or hf:NAME[:CONFIG]:SPLIT:FIELD"
+        )
+    corpus.documents = [d for d in corpus.documents if d.text.strip()]
+    if not corpus.documents:
+        raise CorpusError(f"data source '{spec}' holds no usable text")
+    return corpus
+
+
+def python_stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_stdlib_test(rel: Path) -> bool:
+    parts = rel.parts
+    return (
+        any(p in ("test", "tests", "idle_test", "site-packages", "dist-packages") for p in parts[:-1])
+        or parts[-1].startswith("test_")
+    )
+
+
+_SKIP_DIRS = {"__pycache__", "node_modules", ".git"}
+_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+
+
+def _read_dir(spec: str, root: Path, lang: str, exclude=None) -> Corpus:
+    exts = LANGUAGES[lang]
+    docs, skipped = [], {}
+    for path in _walk(root, _SKIP_DIRS | (_STDLIB_SKIP_DIRS if exclude else set())):
+        rel = path.relative_to(root)
+        if path.suffix not in exts or (exclude and exclude(rel)):
+            continue
+        reason, text = _read_text(path)
+        if reason is None and path.suffix == "" and not _looks_like_cpp(text):
+            continue
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        docs.append(Document(str(rel), text))
+    return Corpus(spec, docs, skipped)
+
+
+def _walk(root: Path, skip_dirs: set[str]):
+    """Files under root in sorted order, not descending into hidden or skipped folders."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _read_text(path: Path) -> tuple[str | None, str]:
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return "too_large", ""
+        data = path.read_bytes()
+    except OSError:
+        return "unreadable", ""
+    return _decode(data)
+
+
+def _decode(data: bytes) -> tuple[str | None, str]:
+    if b"\0" in data[:8192]:
+        return "binary", ""
+    try:
+        return None, data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not_utf8", ""
+
+
+def _looks_like_cpp(text: str) -> bool:
+    head = text[:4000]
+    return "#include" in head or "#pragma" in head or "namespace " in head or "#ifndef" in head
+
+
+def _read_file(spec: str, path: Path, text_field: str) -> Corpus:
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    reason, text = _decode(path.read_bytes())
+    if reason:
+        raise CorpusError(f"corpus file {path} is {reason.replace('_', ' ')}")
+    docs, skipped = [], {}
+    if path.suffix == ".txt":
+        lines = text.splitlines(keepends=True)
+        for start in range(0, len(lines), TXT_DOC_LINES):
+            docs.append(Document(f"{path.name}:{start + 1}", "".join(lines[start:start + TXT_DOC_LINES])))
+        return Corpus(spec, docs, skipped)
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            skipped["bad_json"] = skipped.get("bad_json", 0) + 1
+            continue
+        value = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            skipped["no_field"] = skipped.get("no_field", 0) + 1
+            continue
+        docs.append(Document(f"{path.name}:{n}", value))
+    if not docs and skipped.get("no_field"):
+        raise CorpusError(f"no line of {path} has a string field '{text_field}' (see --text-field)")
+    return Corpus(spec, docs, skipped)
+
+
+def _read_hf(spec: str, text_field: str) -> Corpus:
+    parts = spec.split(":")[1:]
+    if len(parts) == 3:
+        name, config, split, fld = parts[0], None, parts[1], parts[2]
+    elif len(parts) == 4:
+        name, config, split, fld = parts
+    else:
+        raise ConfigError(f"bad dataset spec '{spec}': use hf:NAME[:CONFIG]:SPLIT:FIELD")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("hf: sources need the datasets package: pip install 'codeprune[hf]'") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, bad split: all user-facing
+        raise CorpusError(f"cannot load dataset {name} ({split}): {str(e).splitlines()[0][:200]}") from e
+    if fld not in ds.column_names:
+        raise CorpusError(f"dataset {name} has no field '{fld}' (fields: {', '.join(ds.column_names)})")
+    docs = [Document(f"{name}:{split}:{i}", t) for i, t in enumerate(ds[fld]) if isinstance(t, str)]
+    return Corpus(spec, docs, {})
