@@ -70,7 +70,7 @@ def tiny_any(request, tiny_tokenizer):
 @pytest.fixture
 def random_ids():
     g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 320, (6, 24), generator=g)
+    return torch.randint(0, 250, (6, 24), generator=g)
 
 
 @pytest.fixture(scope="session")

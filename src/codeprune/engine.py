@@ -166,7 +166,7 @@ def calibrate_layers(lm: LoadedModel, input_ids: torch.Tensor, *, make_stats: St
             linears = adapter.linears(layer)
             stats = collect_stats(layer, linears, inputs, make_stats, dev)
             on_layer(i, layer, linears, stats)
-            stats.clear()
+            del stats  # free the accumulators before the next layer allocates its own
             if i + 1 < adapter.num_layers:  # the last layer's outputs feed nothing we prune
                 run_layer(layer, inputs, dev, store)
             if layerwise:

@@ -1,0 +1,82 @@
+"""The sequential engine: captured inputs, statistics, propagation through pruned layers."""
+
+import torch
+
+from codeprune.engine import calibrate_layers, capture_layer_inputs
+from codeprune.models.adapters import SUBLAYERS
+from codeprune.stats import ChannelStats
+
+
+def _full_forward_inputs(lm, ids):
+    """Every decoder Linear's inputs from one hooked full-model forward."""
+    seen, handles = {}, []
+    for i, layer in enumerate(lm.adapter.layers()):
+        for name, lin in lm.adapter.linears(layer).items():
+            def hook(mod, args, key=(i, name)):
+                seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
+            handles.append(lin.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        lm.model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def test_engine_statistics_equal_full_forward(tiny_any, random_ids):
+    lm = tiny_any
+    expected = _full_forward_inputs(lm, random_ids)
+    got = {}
+
+    def on_layer(i, layer, linears, stats):
+        assert list(linears) == list(SUBLAYERS)
+        got.update({(i, n): s for n, s in stats.items()})
+
+    calibrate_layers(lm, random_ids, make_stats=lambda n, lin: ChannelStats(moments=True),
+                     on_layer=on_layer, batch_size=4)  # 6 windows: batches of 4 and 2
+    assert set(got) == set(expected)
+    for key, X in expected.items():
+        s = got[key]
+        assert s.count == X.shape[0]
+        torch.testing.assert_close(s.sumsq, (X**2).sum(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s.mean, X.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.var, X.var(0, unbiased=False), rtol=1e-3, atol=1e-5)
+
+
+def test_input_groups_share_statistics(tiny_llama, random_ids):
+    seen = {}
+    calibrate_layers(tiny_llama, random_ids, make_stats=lambda n, lin: ChannelStats(),
+                     on_layer=lambda i, layer, lin, stats: seen.update({i: stats}))
+    stats = seen[0]
+    assert stats["q_proj"] is stats["k_proj"] is stats["v_proj"]
+    assert stats["gate_proj"] is stats["up_proj"]
+    assert stats["o_proj"] is not stats["down_proj"]
+
+
+def test_next_layer_is_calibrated_on_pruned_outputs(tiny_llama, random_ids):
+    """Zeroing layer 0's output projections must change what layer 1 sees."""
+    lm = tiny_llama
+    dense = {}
+    calibrate_layers(lm, random_ids, make_stats=lambda n, lin: ChannelStats(),
+                     on_layer=lambda i, layer, lin, stats: dense.update({i: stats["q_proj"].sumsq}))
+
+    pruned = {}
+
+    def on_layer(i, layer, linears, stats):
+        pruned[i] = stats["q_proj"].sumsq
+        if i == 0:
+            linears["o_proj"].weight.data.zero_()
+            linears["down_proj"].weight.data.zero_()
+
+    calibrate_layers(lm, random_ids, make_stats=lambda n, lin: ChannelStats(), on_layer=on_layer)
+    torch.testing.assert_close(pruned[0], dense[0])
+    # layer 1 now sees the embeddings alone (the residual stream without layer 0's updates)
+    emb = lm.adapter.embed_tokens()(random_ids).reshape(-1, lm.adapter.hidden_size)
+    normed = lm.adapter.layers()[1].input_layernorm(emb).double()
+    torch.testing.assert_close(pruned[1], (normed**2).sum(0), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(pruned[1], dense[1])
+
+
+def test_capture_respects_seq_len(tiny_llama):
+    ids = torch.randint(0, 250, (5, 11))
+    inputs = capture_layer_inputs(tiny_llama, ids, device=torch.device("cpu"), batch_size=2)
+    assert [tuple(i.hidden.shape) for i in inputs] == [(2, 11, 64), (2, 11, 64), (1, 11, 64)]
