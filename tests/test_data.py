@@ -38,6 +38,35 @@ def test_python_stdlib_has_many_documents_and_no_tests():
     assert "argparse.py" in ids
 
 
+def test_python_stdlib_excludes_test_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The exclusion rules on a fake stdlib tree (the real one may have no test_*.py outside
+    test folders)."""
+    files = {
+        "os.py": True,
+        "json/__init__.py": True,
+        "json/decoder.py": True,
+        "unittest/case.py": True,
+        "unittest/test/test_case.py": False,
+        "unittest/test/support.py": False,
+        "test/regrtest.py": False,
+        "lib2to3/tests/data.py": False,
+        "idlelib/idle_test/htest.py": False,
+        "site-packages/pkg/mod.py": False,
+        "test_fake.py": False,
+        "json/test_json.py": False,
+        "json/tests.py": True,  # a module named tests, not a tests folder
+        "latest/mod.py": True,  # "test" only as a substring
+        "json/__pycache__/decoder.py": False,
+    }
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\nx = 1\n")
+    monkeypatch.setattr("codeprune.data.sources.python_stdlib_dir", lambda: tmp_path)
+    corpus = read_source("python-stdlib")
+    expected = sorted(str(Path(rel)) for rel, keep in files.items() if keep)
+    assert sorted(d.id for d in corpus.documents) == expected
+
+
 @pytest.fixture
 def mixed_dir(tmp_path: Path) -> Path:
     root = tmp_path / "src"
@@ -102,6 +131,21 @@ def test_jsonl_without_the_field_is_an_error(tmp_path: Path):
         read_source(str(path))
     with pytest.raises(CorpusError, match="'body'"):
         read_source(str(path), text_field="body")
+
+
+def test_jsonl_lines_are_split_on_newlines_only(tmp_path: Path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"text": "a = 'x\u2028y'"}, {"text": "b = 'caf\x85'"}, {"text": "c = 2"}]
+    # ensure_ascii=False writes U+2028 and U+0085 unescaped, as JSON allows
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    corpus = read_source(str(path))
+    assert [(d.id, d.text) for d in corpus.documents] == [
+        ("rows.jsonl:1", rows[0]["text"]),
+        ("rows.jsonl:2", rows[1]["text"]),
+        ("rows.jsonl:3", rows[2]["text"]),
+    ]
+    assert corpus.skipped == {}
 
 
 def test_txt_is_cut_into_200_line_documents(tmp_path: Path):
@@ -225,6 +269,16 @@ def test_calibration_windows_seeded(tiny_tokenizer):
     assert torch.equal(a.input_ids, d.input_ids)
 
 
+def test_calibration_seed_picks_the_documents(tiny_tokenizer):
+    """The seed shuffles the documents: small samples of different seeds use different files."""
+    corpus = _marked_corpus()
+    seen = [_markers(tiny_tokenizer, calibration_windows(
+        tiny_tokenizer, corpus, samples=2, seq_len=24, seed=s).input_ids) for s in range(4)]
+    assert all(seen)
+    assert len({frozenset(x) for x in seen}) > 1
+    assert len(set().union(*seen)) > max(len(x) for x in seen)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_calibration_never_uses_heldout_documents(tiny_tokenizer, seed: int):
     corpus = _marked_corpus()
@@ -290,6 +344,12 @@ def test_heldout_too_small(tiny_tokenizer):
     corpus = Corpus("small", [Document("a.py", "x = 1\n"), Document("b.py", "y = 2\n")])
     with pytest.raises(CorpusError, match="held-out"):
         heldout_windows(tiny_tokenizer, corpus, seq_len=512, max_windows=8)
+
+
+@pytest.mark.parametrize("max_windows", [0, -1])
+def test_heldout_max_windows_must_be_positive(tiny_tokenizer, max_windows: int):
+    with pytest.raises(ConfigError, match="held-out windows"):
+        heldout_windows(tiny_tokenizer, _marked_corpus(), seq_len=16, max_windows=max_windows)
 
 
 def test_heldout_bad_seq_len(tiny_tokenizer):

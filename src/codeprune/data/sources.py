@@ -66,6 +66,8 @@ def read_source(spec: str, *, text_field: str = "text") -> Corpus:
         corpus = _read_hf(spec, text_field)
     elif spec.split(":", 1)[0] in LANGUAGES and ":" in spec:
         lang, folder = spec.split(":", 1)
+        if not folder.strip():
+            raise ConfigError(f"data source '{spec}' names no folder: use {lang}:DIR")
         root = Path(folder).expanduser()
         if not root.is_dir():
             raise CorpusError(f"corpus folder not found: {folder}")
@@ -161,7 +163,7 @@ def _read_file(spec: str, path: Path, text_field: str) -> Corpus:
         for start in range(0, len(lines), TXT_DOC_LINES):
             docs.append(Document(f"{path.name}:{start + 1}", "".join(lines[start:start + TXT_DOC_LINES])))
         return Corpus(spec, docs, skipped)
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

@@ -1,0 +1,72 @@
+"""End to end on the offline smollm2-135m model (marked slow: `pytest -m slow`).
+
+One calibration protocol for all methods: python-stdlib, 32 windows x 256
+tokens, seed 0; perplexity on 16 held-out windows of 256 tokens.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import codeprune
+from codeprune.cli import main
+
+pytestmark = pytest.mark.slow
+
+OPTS = dict(calib="python-stdlib", samples=32, seq_len=256, seed=0, eval_windows=16)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("runs")
+    results = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        lm = codeprune.load("smollm2-135m")
+        results[method] = codeprune.prune(lm, method, sparsity=0.5, out=out / method, **OPTS)
+    return results
+
+
+def test_wanda_beats_magnitude_and_sparsegpt_matches_wanda(runs):
+    ppl = {m: r.report["ppl_pruned"] for m, r in runs.items()}
+    dense = runs["wanda"].report["ppl_dense"]
+    assert dense < ppl["wanda"] < ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] <= ppl["wanda"] * 1.02, ppl
+
+
+def test_report_fields(runs):
+    r = json.loads((runs["wanda"].out / "report.json").read_text())
+    for key in ("method", "pattern", "sparsity_target", "sparsity_actual", "params_total",
+                "params_nonzero", "calibration", "ppl_dense", "ppl_pruned", "ppl_protocol",
+                "seconds_prune", "peak_rss_mb", "per_layer"):
+        assert key in r, key
+    assert r["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)
+    assert r["calibration"]["samples"] == 32 and r["calibration"]["seq_len"] == 256
+    assert len(r["per_layer"]) == 30 * 7
+    assert r["params_total"] == 134_515_008  # tied embeddings counted once
+    assert (runs["wanda"].out / "report.md").read_text().startswith("# codeprune report")
+
+
+def test_checkpoint_reloads_with_plain_transformers(runs):
+    res = runs["wanda"]
+    reloaded = AutoModelForCausalLM.from_pretrained(res.out).eval()
+    ids = torch.tensor([[1, 563, 3158, 2012, 28, 30, 198]])
+    with torch.no_grad():
+        assert torch.equal(res.model.model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_eval_cli_reproduces_pruned_perplexity(runs, capsys):
+    res = runs["wanda"]
+    code = main(["eval", "--model", str(res.out), "--ppl", "python-stdlib", "--seq-len", "256",
+                 "--windows", "16", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["perplexity"]["python-stdlib"]["ppl"] == pytest.approx(res.report["ppl_pruned"], rel=1e-4)
+    assert out["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_second_load_uses_the_cache(smollm2):
+    lm = codeprune.load("smollm2-135m")
+    assert lm.origin["kind"] == "alias" and "4-bit" in lm.origin["note"]
+    assert lm.adapter.num_layers == 30 and lm.adapter.num_kv_heads == 3
