@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import calibration_windows, heldout_windows, read_source
+from .data.calibration import check_window_sizes
 from .engine import resolve_device
 from .errors import ConfigError
 from .evaluate import perplexity, protocol
@@ -68,10 +69,13 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
     dev = resolve_device(device)
     if eval_windows < 1:
         raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
+    check_window_sizes(samples, seq_len)
     corpus = read_source(calib, text_field=text_field)
     lm = _as_loaded(model, dtype)
     calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
-    held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows) if eval_ppl else None
+    held = None
+    if eval_ppl:
+        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows)
 
     def score(tag: str) -> float | None:
         if held is None:
@@ -126,6 +130,7 @@ def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("p
     if not ppl:
         raise ConfigError("nothing to evaluate: give at least one --ppl source")
     dev = resolve_device(device)
+    check_window_sizes(windows, seq_len)
     corpora = [read_source(src, text_field=text_field) for src in ppl]  # fail fast on bad sources
     lm = _as_loaded(model, dtype)
     lm.model.to(dev)

@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_models(args) -> int:
-    from .models.sources import OFFLINE_MODELS, cached_folder, install_offline, is_cached, is_installed
+    from .models.sources import (
+        OFFLINE_MODELS,
+        cached_folder,
+        install_offline,
+        is_cached,
+        is_installed,
+    )
 
     if args.install:
         install_offline(args.install)

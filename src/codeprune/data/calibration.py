@@ -91,9 +91,9 @@ def _token_stream(tokenizer, docs: list[Document], need: float, per_doc: int,
     return ids, used
 
 
-def _check(samples: int, seq_len: int) -> None:
+def check_window_sizes(samples: int, seq_len: int) -> None:
     if samples < 1:
-        raise ConfigError(f"samples must be >= 1, got {samples}")
+        raise ConfigError(f"the number of windows must be >= 1, got {samples}")
     if seq_len < 2:
         raise ConfigError(f"seq_len must be >= 2, got {seq_len}")
 
@@ -105,7 +105,7 @@ def calibration_windows(tokenizer, corpus: Corpus, *, samples: int, seq_len: int
     The seed shuffles the calibration documents and picks, in each, a slice of
     at most ``seq_len`` tokens; the slices are concatenated (EOS between
     documents) and cut into consecutive windows."""
-    _check(samples, seq_len)
+    check_window_sizes(samples, seq_len)
     docs, _ = split_documents(corpus, heldout_fraction)
     docs = sorted(docs, key=lambda d: d.id)
     rng = random.Random(seed)
@@ -128,7 +128,7 @@ def heldout_windows(tokenizer, corpus: Corpus, *, seq_len: int, max_windows: int
     Held-out documents in id order each give their first ``seq_len`` tokens
     (EOS between documents); the stream is cut into windows of ``seq_len``.
     Returns every full window when ``max_windows`` is None."""
-    _check(1, seq_len)
+    check_window_sizes(1, seq_len)
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"the number of held-out windows must be >= 1, got {max_windows}")
     _, docs = split_documents(corpus, heldout_fraction)
