@@ -355,3 +355,29 @@ def test_heldout_max_windows_must_be_positive(tiny_tokenizer, max_windows: int):
 def test_heldout_bad_seq_len(tiny_tokenizer):
     with pytest.raises(ConfigError):
         heldout_windows(tiny_tokenizer, _marked_corpus(), seq_len=1)
+
+
+class _FakeDataset:
+    column_names = ["content", "lang"]
+
+    def __getitem__(self, field):
+        return {"content": ["def a():\n    return 1\n", "x = 2\n", None], "lang": ["py"] * 3}[field]
+
+
+def test_hf_dataset_spec(monkeypatch):
+    """hf:NAME[:CONFIG]:SPLIT:FIELD goes through datasets.load_dataset (faked: no hub here)."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config, split: calls.append((name, config, split)) or _FakeDataset()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+    corpus = read_source("hf:bigcode/the-stack-smol:data/python:train:content")
+    assert calls == [("bigcode/the-stack-smol", "data/python", "train")]
+    assert [d.text for d in corpus.documents] == ["def a():\n    return 1\n", "x = 2\n"]
+    read_source("hf:org/name:test:content")
+    assert calls[-1] == ("org/name", None, "test")
+    with pytest.raises(CorpusError, match="no field 'body'"):
+        read_source("hf:org/name:test:body")
