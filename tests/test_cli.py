@@ -311,3 +311,11 @@ def test_usage_errors_are_one_line(argv, capsys):
 def test_language_without_folder(capsys):
     code, _, err = run_cli(["eval", "--model", "smollm2-135m", "--ppl", "python:"], capsys)
     assert "names no folder" in assert_one_line_error(code, err)
+
+
+@pytest.mark.usefixtures("forbid_loading")
+@pytest.mark.parametrize("device", ["bogus", "cuda:0"] if not __import__("torch").cuda.is_available()
+                         else ["bogus"])
+def test_bad_device(device, code_dir: Path, capsys):
+    code, _, err = run_cli(["eval", "--model", "smollm2-135m", "--device", device], capsys)
+    assert "device" in assert_one_line_error(code, err)

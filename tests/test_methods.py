@@ -119,3 +119,17 @@ def test_sparsegpt_with_identity_hessian_is_magnitude():
     sparsegpt_prune_(W_sgpt, torch.eye(16), 0.5, (2, 4))
     expected = W * ~nm_mask(W.abs(), 2, 4)
     torch.testing.assert_close(W_sgpt, expected)
+
+
+@pytest.mark.parametrize("n,m", [(2, 3), (3, 5), (2, 4)])
+def test_sparsegpt_nm_groups_are_aligned(n, m):
+    """Groups of M columns start at multiples of M even when M does not divide the block size."""
+    from codeprune.methods.sparsegpt import sparsegpt_prune_
+
+    torch.manual_seed(0)
+    in_f = 60 * m
+    X = torch.randn(512, in_f)
+    W = torch.randn(4, in_f)
+    mask = sparsegpt_prune_(W, 2 * X.T @ X / 512, 0.5, (n, m), block_size=128)
+    assert (mask.view(4, -1, m).sum(-1) == n).all()
+    assert (W[mask] == 0).all()

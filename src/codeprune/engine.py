@@ -50,7 +50,10 @@ LayerCallback = Callable[[int, nn.Module, dict, dict], None]  # (index, layer, l
 def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but CUDA is not available (use --device cpu)")
     return dev

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..stats import HessianStats
 from .base import PruneConfig, Pruner, register
 
@@ -27,7 +28,6 @@ class SparseGPTConfig(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..errors import ConfigError
         if self.block_size < 1 or not 0 < self.damp < 1:
             raise ConfigError("sparsegpt needs block_size >= 1 and 0 < damp < 1")
 
@@ -56,6 +56,10 @@ def sparsegpt_prune_(W: torch.Tensor, H: torch.Tensor, sparsity: float,
     W32[:, dead] = 0
     Hinv = _inverse_cholesky(H, damp)  # (in, in), upper triangular
     out_f, in_f = W32.shape
+    if nm is not None:
+        if in_f % nm[1]:
+            raise ConfigError(f"N:M pattern needs in_features divisible by M; {in_f} % {nm[1]} != 0")
+        block_size = max(nm[1], block_size - block_size % nm[1])  # N:M groups never straddle blocks
     mask = torch.zeros_like(W32, dtype=torch.bool)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -74,11 +78,9 @@ def sparsegpt_prune_(W: torch.Tensor, H: torch.Tensor, sparsity: float,
                 score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].unsqueeze(0) ** 2  # (out, M)
                 idx = torch.topk(score, nm[0], dim=1, largest=False).indices
                 mask1.scatter_(1, i + idx, True)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0)
-            err = (w - q) / d[i]  # (out,)
-            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
-            W1[:, i] = q
+            # OBS: remove the pruned weights of column i, push their error to later columns
+            err = W1[:, i] * mask1[:, i] / d[i]  # (out,), zero where the weight is kept
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # column i becomes 0 where pruned
             Err1[:, i] = err
         W32[:, i1:i2] = W1
         W32[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
