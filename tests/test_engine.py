@@ -1,5 +1,6 @@
 """The sequential engine: captured inputs, statistics, propagation through pruned layers."""
 
+import pytest
 import torch
 
 from codeprune.engine import calibrate_layers, capture_layer_inputs
@@ -80,3 +81,32 @@ def test_capture_respects_seq_len(tiny_llama):
     ids = torch.randint(0, 250, (5, 11))
     inputs = capture_layer_inputs(tiny_llama, ids, device=torch.device("cpu"), batch_size=2)
     assert [tuple(i.hidden.shape) for i in inputs] == [(2, 11, 64), (2, 11, 64), (1, 11, 64)]
+
+
+def test_offload_gives_the_same_result(tiny_llama, random_ids, tiny_tokenizer):
+    from codeprune.methods import make_pruner
+    from codeprune.methods.base import prune_model_
+
+    from .conftest import make_tiny
+
+    other = make_tiny("llama", tokenizer=tiny_tokenizer)  # same seed: same weights
+    prune_model_(tiny_llama, make_pruner("wanda"), random_ids, offload=False)
+    prune_model_(other, make_pruner("wanda"), random_ids, offload=True)
+    pairs = zip(tiny_llama.model.state_dict().items(), other.model.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        assert torch.equal(a, b), name
+
+
+def test_offloaded_perplexity_equals_plain(tiny_llama, random_ids):
+    from codeprune.data.calibration import TokenWindows
+    from codeprune.evaluate import perplexity
+
+    windows = TokenWindows(random_ids, "test", "heldout", 1)
+    plain = perplexity(tiny_llama, windows, batch_size=4)
+    layered = perplexity(tiny_llama, windows, batch_size=4, offload_device="cpu")
+    assert layered["tokens"] == plain["tokens"] == 6 * 23
+    assert layered["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
+    # and both equal the model's own loss
+    with torch.no_grad():
+        loss = tiny_llama.model(input_ids=random_ids, labels=random_ids).loss
+    assert plain["nll"] == pytest.approx(loss.item(), rel=1e-5)

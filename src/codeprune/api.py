@@ -80,6 +80,8 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
     def score(tag: str) -> float | None:
         if held is None:
             return None
+        if offload:
+            return perplexity(lm, held, desc=f"ppl {tag}", offload_device=dev)["ppl"]
         lm.model.to(dev)
         return perplexity(lm, held, desc=f"ppl {tag}")["ppl"]
 
@@ -122,9 +124,10 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
 
 def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("python-stdlib",),
              seq_len: int = 512, windows: int = 32, device: str = "cpu", text_field: str = "text",
-             dtype: str | torch.dtype = "float32") -> dict:
+             offload: bool = False, dtype: str | torch.dtype = "float32") -> dict:
     """Perplexity of ``model`` on the held-out split of each source in ``ppl``.
 
+    With ``offload`` the model stays on the CPU and one layer at a time runs on ``device``.
     Returns {"model", "sparsity", "params_total", "params_nonzero", "perplexity":
     {source: {"ppl", "nll", "tokens", "windows", "seq_len", "protocol"}}}."""
     if not ppl:
@@ -133,11 +136,13 @@ def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("p
     check_window_sizes(windows, seq_len)
     corpora = [read_source(src, text_field=text_field) for src in ppl]  # fail fast on bad sources
     lm = _as_loaded(model, dtype)
-    lm.model.to(dev)
+    if not offload:
+        lm.model.to(dev)
     results = {}
     for corpus in corpora:
         held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=windows)
-        results[corpus.spec] = {**perplexity(lm, held, desc=corpus.spec), "protocol": protocol(held)}
+        scores = perplexity(lm, held, desc=corpus.spec, offload_device=dev if offload else None)
+        results[corpus.spec] = {**scores, "protocol": protocol(held)}
     linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
     sparsity, _ = linear_sparsity(lm.model, linears)
     total, nonzero = count_parameters(lm.model)

@@ -30,6 +30,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="field of .jsonl / hf: sources (default text)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model on the CPU, one layer at a time on --device")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -52,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward in calibration")
-    p.add_argument("--offload", action="store_true",
-                   help="keep the model on the CPU, one layer at a time on --device")
     p.add_argument("--eval-windows", type=int, default=32,
                    help="held-out windows for perplexity before/after (default 32)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
 
     res = evaluate(args.model, ppl=args.ppl or ["python-stdlib"], seq_len=args.seq_len,
                    windows=args.windows, device=args.device, text_field=args.text_field,
-                   dtype=args.dtype)
+                   offload=args.offload, dtype=args.dtype)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

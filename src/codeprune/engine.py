@@ -137,17 +137,19 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[
 @torch.no_grad()
 def calibrate_layers(lm: LoadedModel, input_ids: torch.Tensor, *, make_stats: StatsFactory,
                      on_layer: LayerCallback, device: str | torch.device = "cpu",
-                     offload: bool = False, batch_size: int = 8, desc: str = "layers") -> None:
+                     offload: bool = False, batch_size: int = 8, desc: str = "layers",
+                     keep_outputs: bool = False) -> list[LayerInput] | None:
     """Sequential calibration of every decoder layer (see the module docstring).
 
     ``input_ids``: (N, L) calibration windows. ``offload``: keep the model on the
-    CPU and bring one layer at a time to ``device`` (the default when the device
-    is the CPU anyway); otherwise the whole model moves to ``device`` first."""
+    CPU and bring one layer at a time to ``device``; otherwise the whole model
+    moves to ``device`` first. With ``keep_outputs`` the last layer runs too and
+    its outputs (before the final norm) are returned, one entry per batch."""
     dev = resolve_device(device)
     model, adapter = lm.model, lm.adapter
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    layerwise = offload and dev.type != "cpu"
+    layerwise = offload  # on the CPU the moves below are no-ops, and the same code path runs
     store = torch.device("cpu") if layerwise else dev
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
@@ -170,11 +172,22 @@ def calibrate_layers(lm: LoadedModel, input_ids: torch.Tensor, *, make_stats: St
             stats = collect_stats(layer, linears, inputs, make_stats, dev)
             on_layer(i, layer, linears, stats)
             del stats  # free the accumulators before the next layer allocates its own
-            if i + 1 < adapter.num_layers:  # the last layer's outputs feed nothing we prune
+            if keep_outputs or i + 1 < adapter.num_layers:  # else nothing reads the last outputs
                 run_layer(layer, inputs, dev, store)
             if layerwise:
                 layer.to("cpu")
+        return inputs if keep_outputs else None
     finally:
         model.config.use_cache = use_cache
         if layerwise:
             model.to("cpu")
+
+
+def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, *, device: str | torch.device = "cpu",
+                   offload: bool = False, batch_size: int = 8) -> list[torch.Tensor]:
+    """The last decoder layer's outputs (before the final norm), one (B, L, D) tensor per
+    batch, computed one layer at a time: a forward pass for models that do not fit the device."""
+    outs = calibrate_layers(lm, input_ids, make_stats=lambda name, linear: None,
+                            on_layer=lambda *args: None, device=device, offload=offload,
+                            batch_size=batch_size, desc="forward", keep_outputs=True)
+    return [o.hidden for o in outs]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.calibration import TokenWindows
+from ..engine import forward_layers
 from ..models.sources import LoadedModel
 
 _LOGIT_CHUNK = 2048  # tokens per lm_head call
@@ -25,17 +26,24 @@ _LOGIT_CHUNK = 2048  # tokens per lm_head call
 
 @torch.no_grad()
 def perplexity(lm: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
-               desc: str = "perplexity") -> dict:
+               desc: str = "perplexity", offload_device: str | torch.device | None = None) -> dict:
     """{"ppl", "nll", "tokens", "windows", "seq_len"} of ``lm`` on ``windows``.
 
-    Runs where the model's parameters are."""
-    device = next(lm.model.parameters()).device
+    Runs where the model's parameters are; with ``offload_device`` the model
+    stays on the CPU and the decoder layers run one at a time on that device
+    (the sequential engine), the final norm and lm_head on the CPU."""
     lm_head = lm.adapter.lm_head()
-    total_nll, total_tokens = 0.0, 0
     ids_all = windows.input_ids
+    if offload_device is not None:
+        layer_out = iter(forward_layers(lm, ids_all, device=offload_device, offload=True,
+                                        batch_size=batch_size))
+    total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, ids_all.shape[0], batch_size), desc=desc, leave=False):
-        ids = ids_all[start:start + batch_size].to(device)  # (B, L)
-        hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, D)
+        ids = ids_all[start:start + batch_size].to(lm_head.weight.device)  # (B, L)
+        if offload_device is None:
+            hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, D)
+        else:
+            hidden = lm.adapter.final_norm()(next(layer_out).to(ids.device))
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), D)
         target = ids[:, 1:].reshape(-1)
         for c in range(0, h.shape[0], _LOGIT_CHUNK):
