@@ -21,7 +21,7 @@ from ..data.calibration import TokenWindows
 from ..engine import forward_layers
 from ..models.sources import LoadedModel
 
-_LOGIT_CHUNK = 2048  # tokens per lm_head call
+_LOGIT_CHUNK = 512  # tokens per lm_head call: (512, vocab) float32 logits stay small
 
 
 @torch.no_grad()
