@@ -92,12 +92,24 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
     seconds = time.perf_counter() - start
     ppl_pruned = score("pruned")
 
+    report = _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, seconds,
+                           dev, text_field)
+    path = None
+    if out is not None:
+        path = save_checkpoint(lm, out, overwrite=overwrite, report=report,
+                               report_md=render_markdown(report))
+    return PruneResult(lm, report, path)
+
+
+def _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, seconds, dev,
+                  text_field) -> dict:
+    """report.json of one pruning run (see the README for the fields)."""
     actual, per_layer = linear_sparsity(lm.model, pruned)
     total, nonzero = count_parameters(lm.model)
-    report = {
+    return {
         "model": lm.name,
-        "method": method,
-        "pattern": pattern,
+        "method": pruner.name,
+        "pattern": pruner.config.pattern,
         "sparsity_target": pruner.config.sparsity,
         "sparsity_actual": actual,
         "params_total": total,
@@ -110,16 +122,11 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
         "seconds_prune": seconds,
         "peak_rss_mb": peak_rss_mb(),
         "device": str(dev),
-        "method_options": {k: v for k, v in vars(pruner.config).items()},
+        "method_options": dict(vars(pruner.config)),
         "source": lm.origin,
         "per_layer": per_layer,
         "notes": [lm.origin["note"]] if lm.origin.get("note") else [],
     }
-    path = None
-    if out is not None:
-        path = save_checkpoint(lm, out, overwrite=overwrite, report=report,
-                               report_md=render_markdown(report))
-    return PruneResult(lm, report, path)
 
 
 def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("python-stdlib",),

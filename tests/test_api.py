@@ -1,0 +1,49 @@
+"""The Python API end to end on a tiny model: prune -> report -> checkpoint -> evaluate."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import codeprune
+from codeprune.data.sources import python_stdlib_dir
+
+from .conftest import make_tiny
+
+
+@pytest.fixture
+def code_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "code"
+    src.mkdir()
+    for path in sorted(python_stdlib_dir().glob("*.py"))[:40]:
+        (src / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    return src
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4"),
+                                            ("magnitude", "4:8")])
+def test_prune_report_checkpoint_evaluate(tiny_tokenizer, code_dir, tmp_path, method, pattern):
+    lm = make_tiny("qwen2", tokenizer=tiny_tokenizer)
+    calib = f"python:{code_dir}"
+    res = codeprune.prune(lm, method, sparsity=0.5, pattern=pattern, calib=calib, samples=4,
+                          seq_len=32, eval_windows=4, out=tmp_path / "run")
+    r = res.report
+    assert r["method"] == method and r["pattern"] == pattern
+    assert r["sparsity_actual"] == pytest.approx(0.5, abs=0.01)
+    assert r["params_nonzero"] < r["params_total"]
+    assert r["ppl_dense"] > 1 and r["ppl_pruned"] > 1
+    assert "32 tokens" in r["ppl_protocol"]
+    assert (r["calibration"] is None) == (method == "magnitude")
+    assert len(r["per_layer"]) == 14 and all(k.startswith("model.layers.") for k in r["per_layer"])
+    assert json.loads((res.out / "report.json").read_text()) == json.loads(json.dumps(r))
+
+    scores = codeprune.evaluate(str(res.out), ppl=[calib], seq_len=32, windows=4)
+    assert scores["perplexity"][calib]["ppl"] == pytest.approx(r["ppl_pruned"], rel=1e-5)
+    assert scores["sparsity"] == pytest.approx(r["sparsity_actual"])
+
+
+def test_prune_without_output_or_eval(tiny_tokenizer, code_dir):
+    lm = make_tiny("llama", tokenizer=tiny_tokenizer)
+    res = codeprune.prune(lm, "wanda", calib=f"python:{code_dir}", samples=2, seq_len=16,
+                          eval_ppl=False)
+    assert res.out is None and res.report["ppl_dense"] is None and res.report["ppl_protocol"] is None
