@@ -47,3 +47,9 @@ def test_prune_without_output_or_eval(tiny_tokenizer, code_dir):
     res = codeprune.prune(lm, "wanda", calib=f"python:{code_dir}", samples=2, seq_len=16,
                           eval_ppl=False)
     assert res.out is None and res.report["ppl_dense"] is None and res.report["ppl_protocol"] is None
+
+
+def test_seq_len_beyond_the_model_is_refused(tiny_tokenizer, code_dir):
+    lm = make_tiny("llama", tokenizer=tiny_tokenizer)  # max_position_embeddings 256
+    with pytest.raises(codeprune.ConfigError, match="max_position_embeddings"):
+        codeprune.prune(lm, "wanda", calib=f"python:{code_dir}", samples=2, seq_len=512)

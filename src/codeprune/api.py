@@ -34,8 +34,12 @@ def load(model: str, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
     return load_model(model, dtype=dtype)
 
 
-def _as_loaded(model: str | LoadedModel, dtype) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
+def _as_loaded(model: str | LoadedModel, dtype, seq_len: int) -> LoadedModel:
+    lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {limit}")
+    return lm
 
 
 @dataclass
@@ -71,7 +75,7 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
         raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
     check_window_sizes(samples, seq_len)
     corpus = read_source(calib, text_field=text_field)
-    lm = _as_loaded(model, dtype)
+    lm = _as_loaded(model, dtype, seq_len)
     calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
     held = None
     if eval_ppl:
@@ -142,7 +146,7 @@ def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("p
     dev = resolve_device(device)
     check_window_sizes(windows, seq_len)
     corpora = [read_source(src, text_field=text_field) for src in ppl]  # fail fast on bad sources
-    lm = _as_loaded(model, dtype)
+    lm = _as_loaded(model, dtype, seq_len)
     if not offload:
         lm.model.to(dev)
     results = {}
