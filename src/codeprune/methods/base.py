@@ -12,6 +12,7 @@ Register it with ``@register("name")``; see docs/adding-a-method.md.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,7 +54,7 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
 
-class Pruner:
+class Pruner(ABC):
     """Base class of a method that prunes each Linear of a decoder layer."""
 
     name: ClassVar[str] = ""
@@ -66,8 +67,9 @@ class Pruner:
     def make_stats(self, name: str, linear: nn.Linear):
         return None
 
+    @abstractmethod
     def prune_(self, name: str, linear: nn.Linear, stats) -> None:
-        raise NotImplementedError  # abstract: every registered method overrides it
+        """Set ``linear``'s weights in place from ``stats`` (None when it asked for none)."""
 
 
 METHODS: dict[str, type[Pruner]] = {}
