@@ -53,3 +53,20 @@ def test_seq_len_beyond_the_model_is_refused(tiny_tokenizer, code_dir):
     lm = make_tiny("llama", tokenizer=tiny_tokenizer)  # max_position_embeddings 256
     with pytest.raises(codeprune.ConfigError, match="max_position_embeddings"):
         codeprune.prune(lm, "wanda", calib=f"python:{code_dir}", samples=2, seq_len=512)
+
+
+def test_evaluate_with_efficiency(tiny_tokenizer, code_dir, tmp_path, capsys):
+    from codeprune.cli import main
+
+    lm = make_tiny("llama", tokenizer=tiny_tokenizer)
+    res = codeprune.prune(lm, "magnitude", calib=f"python:{code_dir}", samples=2, seq_len=16,
+                          eval_ppl=False, out=tmp_path / "run")
+    assert main(["eval", "--model", str(res.out), "--ppl", f"python:{code_dir}", "--seq-len", "16",
+                 "--windows", "2", "--efficiency"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill" in out and "decode" in out and "MACs/token" in out
+    scores = codeprune.evaluate(str(res.out), ppl=[f"python:{code_dir}"], seq_len=16, windows=2,
+                                efficiency=True)
+    eff = scores["efficiency"]
+    assert eff["disk_bytes"] > 0 and eff["params_nonzero"] < eff["params_total"]
+    assert eff["macs_per_token_nonzero"] < eff["macs_per_token"]

@@ -135,10 +135,13 @@ def _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, se
 
 def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("python-stdlib",),
              seq_len: int = 512, windows: int = 32, device: str = "cpu", text_field: str = "text",
-             offload: bool = False, dtype: str | torch.dtype = "float32") -> dict:
+             offload: bool = False, efficiency: bool = False,
+             dtype: str | torch.dtype = "float32") -> dict:
     """Perplexity of ``model`` on the held-out split of each source in ``ppl``.
 
     With ``offload`` the model stays on the CPU and one layer at a time runs on ``device``.
+    With ``efficiency`` the result also holds "efficiency": size, disk, MACs per
+    token, prefill/decode tokens/s at batch 1 and 8, peak memory, energy estimate.
     Returns {"model", "sparsity", "params_total", "params_nonzero", "perplexity":
     {source: {"ppl", "nll", "tokens", "windows", "seq_len", "protocol"}}}."""
     if not ppl:
@@ -157,5 +160,12 @@ def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("p
     linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
     sparsity, _ = linear_sparsity(lm.model, linears)
     total, nonzero = count_parameters(lm.model)
-    return {"model": lm.name, "sparsity": sparsity, "params_total": total,
-            "params_nonzero": nonzero, "perplexity": results, "source": lm.origin}
+    result = {"model": lm.name, "sparsity": sparsity, "params_total": total,
+              "params_nonzero": nonzero, "perplexity": results, "source": lm.origin}
+    if efficiency:
+        from .evaluate.efficiency import efficiency_report
+
+        path = lm.origin.get("path")
+        folder = Path(path) if path and Path(path).is_dir() else None  # a hub id has no folder
+        result["efficiency"] = efficiency_report(lm, checkpoint=folder)
+    return result

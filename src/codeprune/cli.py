@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", action="append", metavar="SOURCE",
                    help="source to score on its held-out split (repeatable); default python-stdlib")
     e.add_argument("--windows", type=int, default=32, help="held-out windows per source (default 32)")
+    e.add_argument("--efficiency", action="store_true",
+                   help="also measure size, disk, MACs/token, prefill/decode tokens/s, energy")
     return parser
 
 
@@ -118,7 +120,7 @@ def cmd_eval(args) -> int:
 
     res = evaluate(args.model, ppl=args.ppl or ["python-stdlib"], seq_len=args.seq_len,
                    windows=args.windows, device=args.device, text_field=args.text_field,
-                   offload=args.offload, dtype=args.dtype)
+                   offload=args.offload, efficiency=args.efficiency, dtype=args.dtype)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -129,6 +131,16 @@ def cmd_eval(args) -> int:
         print(f"{src:<40}{r['ppl']:>10.3f}{r['tokens']:>10}")
     for src, r in res["perplexity"].items():
         print(f"protocol ({src}): {r['protocol']}")
+    eff = res.get("efficiency")
+    if eff:
+        disk = f"{eff['disk_bytes'] / 2**20:.1f} MB" if eff["disk_bytes"] else "n/a"
+        print(f"disk {disk}, in memory {eff['bytes_in_memory'] / 2**20:.1f} MB, "
+              f"MACs/token {eff['macs_per_token']:,} ({eff['macs_per_token_nonzero']:,} non-zero, "
+              f"context {eff['macs_context']}), peak memory {eff['peak_memory_mb']:.0f} MB")
+        for b, sp in eff["speed"].items():
+            print(f"{b}: prefill {sp['prefill_tok_s']:.1f} tok/s, decode {sp['decode_tok_s']:.1f} tok/s")
+        if eff["energy"]:
+            print(f"energy (estimate): {eff['energy']['kwh']} kWh, {eff['energy']['co2_kg']} kg CO2")
     return 0
 
 
