@@ -79,6 +79,6 @@ def smollm2():
     from codeprune.models.sources import OFFLINE_MODELS, is_installed, load_model
 
     spec = OFFLINE_MODELS["smollm2-135m"]
-    if not is_installed(spec):
+    if not is_installed(spec):  # `make install` installs it; a bare pytest run may not have it
         pytest.skip(f"smollm2-135m not installed: {spec.pip_command}")
     return load_model("smollm2-135m")

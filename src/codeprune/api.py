@@ -19,7 +19,7 @@ import torch
 
 from .data import calibration_windows, heldout_windows, read_source
 from .data.calibration import check_window_sizes
-from .engine import resolve_device
+from .engine import place_model, resolve_device
 from .errors import ConfigError
 from .evaluate import perplexity, protocol
 from .export import check_output, save_checkpoint
@@ -86,7 +86,7 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
             return None
         if offload:
             return perplexity(lm, held, desc=f"ppl {tag}", offload_device=dev)["ppl"]
-        lm.model.to(dev)
+        place_model(lm, dev)
         return perplexity(lm, held, desc=f"ppl {tag}")["ppl"]
 
     ppl_dense = score("dense")
@@ -151,7 +151,7 @@ def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("p
     corpora = [read_source(src, text_field=text_field) for src in ppl]  # fail fast on bad sources
     lm = _as_loaded(model, dtype, seq_len)
     if not offload:
-        lm.model.to(dev)
+        place_model(lm, dev)
     results = {}
     for corpus in corpora:
         held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=windows)

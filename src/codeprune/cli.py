@@ -109,7 +109,7 @@ def cmd_prune(args) -> int:
     else:
         from .report import render_markdown
 
-        print(render_markdown({**result.report, "per_layer": result.report["per_layer"]}))
+        print(render_markdown(result.report))
         if result.out:
             print(f"saved to {result.out}")
     return 0

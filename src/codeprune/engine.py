@@ -59,6 +59,13 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     return dev
 
 
+def place_model(lm: LoadedModel, device: str | torch.device) -> torch.device:
+    """Move the whole model to ``device`` (for evaluation without offload); returns the device."""
+    dev = resolve_device(device)
+    lm.model.to(dev)
+    return dev
+
+
 def _layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 

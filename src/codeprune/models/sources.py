@@ -301,7 +301,7 @@ def resolve(name: str) -> tuple[str, Path | str]:
         return "folder", path
     if path.exists():
         raise ModelNotFoundError(f"not a model folder or .gguf file: {name}")
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\"
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_like_path or not _HUB_ID.match(name):
         raise ModelNotFoundError(f"model folder not found: {name}")
     return "hub", name
