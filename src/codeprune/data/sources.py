@@ -3,6 +3,8 @@
 A source spec is one of:
     python-stdlib                     the running interpreter's standard library (tests excluded)
     LANG:DIR                          source files of one language under DIR, e.g. java:~/src/jdk
+    LANG:FILE.zip[/PREFIX]            the same inside a zip archive, e.g. java:$JDK/lib/src.zip/java.base
+    code-ppl                          (evaluation) every language corpus present here, see code_corpora()
     FILE.txt / FILE.jsonl             plain text (cut into 200-line documents) / one document a line
     hf:NAME[:CONFIG]:SPLIT:FIELD      a Hugging Face dataset (needs `pip install codeprune[hf]`)
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +73,13 @@ def read_source(spec: str, *, text_field: str = "text") -> Corpus:
         if not folder.strip():
             raise ConfigError(f"data source '{spec}' names no folder: use {lang}:DIR")
         root = Path(folder).expanduser()
-        if not root.is_dir():
+        archive, prefix = _split_zip(root)
+        if archive is not None:
+            corpus = _read_zip(spec, archive, prefix, lang)
+        elif not root.is_dir():
             raise CorpusError(f"corpus folder not found: {folder}")
-        corpus = _read_dir(spec, root, lang)
+        else:
+            corpus = _read_dir(spec, root, lang)
     elif spec.endswith((".txt", ".jsonl")):
         corpus = _read_file(spec, Path(spec).expanduser(), text_field)
     else:
@@ -116,6 +124,74 @@ def _read_dir(spec: str, root: Path, lang: str, exclude=None) -> Corpus:
             continue
         docs.append(Document(str(rel), text))
     return Corpus(spec, docs, skipped)
+
+
+def _split_zip(path: Path) -> tuple[Path | None, str]:
+    """(archive, prefix inside it) when ``path`` is or continues a .zip file, else (None, "")."""
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if part.lower().endswith(".zip"):
+            archive = Path(*parts[:i + 1])
+            if archive.is_file():
+                return archive, "/".join(parts[i + 1:])
+    return None, ""
+
+
+def _read_zip(spec: str, archive: Path, prefix: str, lang: str) -> Corpus:
+    exts = LANGUAGES[lang]
+    docs, skipped = [], {}
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for info in sorted(z.infolist(), key=lambda i: i.filename):
+                name = info.filename
+                if info.is_dir() or not name.startswith(prefix) or Path(name).suffix not in exts:
+                    continue
+                if any(p in _SKIP_DIRS or p.startswith(".") for p in name.split("/")[:-1]):
+                    continue
+                if info.file_size > MAX_FILE_BYTES:
+                    skipped["too_large"] = skipped.get("too_large", 0) + 1
+                    continue
+                reason, text = _decode(z.read(info))
+                if reason is None and Path(name).suffix == "" and not _looks_like_cpp(text):
+                    continue
+                if reason:
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                    continue
+                docs.append(Document(name[len(prefix):], text))
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CorpusError(f"cannot read zip archive {archive}: {e}") from e
+    return Corpus(spec, docs, skipped)
+
+
+def code_corpora() -> dict[str, str]:
+    """{language: source spec} of the code corpora present on this machine (the ``code-ppl`` suite).
+
+    python: the interpreter's standard library; java: the JDK's sources (java.base of
+    lib/src.zip, newest JDK under /usr/lib/jvm or $JAVA_HOME); cpp: the newest
+    libstdc++ headers under /usr/include/c++; javascript: the packages npm ships
+    (the global node_modules/npm/node_modules). A language whose corpus is missing
+    is left out."""
+    found = {"python": "python-stdlib"}
+    jdks = [Path(os.environ["JAVA_HOME"])] if os.environ.get("JAVA_HOME") else []
+    jdks += sorted(Path("/usr/lib/jvm").glob("*"), key=_version_key, reverse=True)
+    for jdk in jdks:
+        z = jdk / "lib" / "src.zip"
+        if z.is_file():
+            found["java"] = f"java:{z.resolve()}/java.base"
+            break
+    cpp = sorted(Path("/usr/include/c++").glob("[0-9]*"), key=_version_key, reverse=True)
+    if cpp:
+        found["cpp"] = f"cpp:{cpp[0]}"
+    for root in ("/usr/lib/node_modules/npm/node_modules", "/usr/local/lib/node_modules/npm/node_modules"):
+        if Path(root).is_dir():
+            found["javascript"] = f"javascript:{root}"
+            break
+    return found
+
+
+def _version_key(path: Path) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", path.name)[:3])
 
 
 def _walk(root: Path, skip_dirs: set[str]):

@@ -1,0 +1,222 @@
+"""The sandbox runner: runs ONE untrusted Python program and reports how it ended.
+
+Executed as a script (``python -I _sandbox_runner.py``) by ``codeprune.evaluate.sandbox``,
+never imported: it uses the standard library only, so it starts in milliseconds
+and never loads torch. It reads a JSON job on stdin and writes a JSON result on
+stdout. Layers, from the outside in:
+
+- this runner is a child subreaper (PR_SET_CHILD_SUBREAPER), so every process the
+  program starts, even a double-forked daemon, stays its descendant and is killed
+  at the end;
+- the program runs in a new session, in a new network namespace (only loopback)
+  where the OS allows, under rlimits (CPU seconds, address space, processes, file
+  size, open files, no core dumps), as a throwaway uid when the runner is root,
+  with a fresh working folder and an environment of its own (nothing inherited);
+- the program passes only if a driver reaches the end of it and writes a random
+  nonce to a pipe that only the driver knows: ``sys.exit(0)`` or ``os._exit(0)``
+  before the tests run cannot claim success.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+PR_SET_CHILD_SUBREAPER = 36
+
+# Runs inside the sandboxed interpreter. The nonce lives in a local of a function,
+# out of reach of the program's globals.
+DRIVER = r'''
+import os, sys
+def _run(nonce_fd, result_fd):
+    nonce = os.read(nonce_fd, 64)
+    os.close(nonce_fd)
+    try:
+        import socket
+        ifaces = ",".join(sorted(n for _, n in socket.if_nameindex()))
+    except Exception:
+        ifaces = "?"
+    os.write(result_fd, ("net " + ifaces + "\n").encode())
+    with open("program.py", encoding="utf-8") as f:
+        source = f.read()
+    sys.argv = ["program.py"]
+    scope = {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__}
+    try:
+        exec(compile(source, "program.py", "exec"), scope)
+    except BaseException as e:  # SystemExit too: leaving early is not passing
+        os.write(result_fd, ("exc " + type(e).__name__ + ": " + repr(str(e))[:300] + "\n").encode())
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(1)
+    os.write(result_fd, b"ok " + nonce + b"\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+_run(int(sys.argv[1]), int(sys.argv[2]))
+'''
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if int(fields[1]) == pid:  # fields[0] is the state, fields[1] the parent pid
+            out.append(int(entry))
+    return out
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every descendant of this runner (orphans are re-parented here) and reap them."""
+    me = os.getpid()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        kids = _children(me)
+        if not kids:
+            break
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap()
+        time.sleep(0.01)
+    _reap()
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _tail(path: str, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    workdir, logdir = job["workdir"], job["logdir"]
+    uid = job.get("uid")
+    timeout = float(job["timeout"])
+    nonce = secrets.token_hex(16).encode()
+    nonce_r, nonce_w = os.pipe()
+    result_r, result_w = os.pipe()
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
+    root = os.geteuid() == 0
+
+    def preexec() -> None:  # in the child, before exec: order matters
+        os.setsid()
+        if job.get("network_isolation", True):
+            flags = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
+            libc.unshare(flags)  # failure leaves the network as is; the driver reports what it sees
+        cpu = int(job["cpu_seconds"])
+        limits = [
+            (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+            (resource.RLIMIT_AS, (job["memory_bytes"],) * 2),
+            (resource.RLIMIT_FSIZE, (job["file_bytes"],) * 2),
+            (resource.RLIMIT_NOFILE, (256, 256)),
+            (resource.RLIMIT_CORE, (0, 0)),
+            (resource.RLIMIT_NPROC, (job["max_processes"],) * 2),
+        ]
+        for which, value in limits:
+            resource.setrlimit(which, value)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        os.umask(0o077)
+
+    out_path, err_path = os.path.join(logdir, "stdout"), os.path.join(logdir, "stderr")
+    start = time.monotonic()
+    timed_out = False
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        try:
+            proc = subprocess.Popen(
+                [job["python"], "-I", "-c", DRIVER, str(nonce_r), str(result_w)],
+                cwd=workdir, env=job["env"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                pass_fds=(nonce_r, result_w), preexec_fn=preexec, close_fds=True,
+            )
+        except OSError as e:
+            json.dump({"status": "error", "detail": f"cannot start the sandbox: {e}"}, sys.stdout)
+            return
+        os.close(nonce_r)
+        os.close(result_w)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            returncode = proc.wait()
+    seconds = time.monotonic() - start
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its session
+    except (ProcessLookupError, PermissionError):
+        pass
+    _kill_descendants()  # and whatever left the session (setsid, double fork)
+    os.set_blocking(result_r, False)
+    try:
+        report = os.read(result_r, 65536).decode("utf-8", "replace")
+    except BlockingIOError:
+        report = ""
+    os.close(result_r)
+
+    lines = report.splitlines()
+    network = next((ln[4:] for ln in lines if ln.startswith("net ")), None)
+    exc = next((ln[4:] for ln in lines if ln.startswith("exc ")), None)
+    ok = any(ln == "ok " + nonce.decode() for ln in lines)
+    cpu_kill = not timed_out and not ok and returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+    if timed_out:
+        status, detail = "timeout", f"wall-clock limit: killed after {seconds:.1f} s"
+    elif cpu_kill:
+        status, detail = "timeout", f"CPU limit: killed after {seconds:.1f} s"
+    elif ok and returncode == 0:
+        status, detail = "passed", ""
+    elif exc and exc.startswith("AssertionError"):
+        status, detail = "failed", exc
+    elif exc:
+        status, detail = "error", exc
+    elif returncode < 0:
+        status, detail = "error", f"killed by signal {-returncode}"
+    else:
+        status, detail = "error", f"exited with code {returncode} before the end of the program"
+    json.dump({
+        "status": status, "detail": detail, "returncode": returncode, "seconds": seconds,
+        "network": network, "stdout": _tail(out_path), "stderr": _tail(err_path),
+    }, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
