@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("CODEPRUNE_ENERGY", "0")  # codecarbon costs ~3 s a tracker; one test turns it on
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

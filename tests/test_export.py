@@ -15,7 +15,7 @@ from codeprune.methods.base import prune_model_
 def test_pruned_checkpoint_reloads_with_identical_logits(tiny_any, random_ids, tmp_path):
     lm = tiny_any
     prune_model_(lm, make_pruner("wanda", pattern="2:4"), random_ids)
-    out = save_checkpoint(lm, tmp_path / "run", report={"method": "wanda"}, report_md="# r\n")
+    out = save_checkpoint(lm, tmp_path / "run", report={"method": "wanda"}, render=lambda r: "# r\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp folder left
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert json.loads((out / "report.json").read_text()) == {"method": "wanda"}

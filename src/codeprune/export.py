@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import OutputExistsError
@@ -51,8 +52,11 @@ def write_atomically(out: str | Path, overwrite: bool, fill) -> Path:
 
 
 def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False,
-                    report: dict | None = None, report_md: str | None = None) -> Path:
-    """Save model, tokenizer and (optionally) report.json / report.md to ``out``."""
+                    report: dict | None = None, render: Callable[[dict], str] | None = None) -> Path:
+    """Save model, tokenizer and (optionally) report.json / report.md (``render(report)``) to ``out``.
+
+    When ``report`` has an "efficiency" section, its ``disk_bytes`` is set here to the
+    size of the saved checkpoint (weights, config, tokenizer), the one place it is known."""
 
     def fill(tmp: Path) -> None:
         config = lm.model.config
@@ -61,8 +65,12 @@ def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         if report is not None:
+            if report.get("efficiency") is not None:
+                from .evaluate.efficiency import disk_bytes
+
+                report["efficiency"]["disk_bytes"] = disk_bytes(tmp)
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if report_md is not None:
-            (tmp / "report.md").write_text(report_md)
+            if render is not None:
+                (tmp / "report.md").write_text(render(report))
 
     return write_atomically(out, overwrite, fill)

@@ -64,6 +64,60 @@ def render_markdown(report: dict) -> str:
             by_kind[name.rsplit(".", 1)[-1]].append(s)
         lines += ["", "| sublayer | modules | mean sparsity |", "|---|---|---|"]
         lines += [f"| {k} | {len(v)} | {sum(v) / len(v):.4f} |" for k, v in by_kind.items()]
+    if r.get("efficiency"):
+        lines += _efficiency_lines(r["efficiency"])
     for note in r.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+def _efficiency_lines(eff: dict) -> list[str]:
+    disk = f"{eff['disk_bytes'] / 2**20:.1f} MB" if eff.get("disk_bytes") else "n/a"
+    lines = ["", "## Efficiency", "",
+             f"Parameters {eff['params_total']:,} ({eff['params_nonzero']:,} non-zero); disk {disk}; "
+             f"in memory {eff['bytes_in_memory'] / 2**20:.1f} MB; peak memory {eff['peak_memory_mb']:.0f} MB "
+             f"({'max allocated' if str(eff.get('device', '')).startswith('cuda') else 'RSS'}); "
+             f"MACs/token {eff['macs_per_token']:,} dense, {eff['macs_per_token_nonzero']:,} non-zero "
+             f"(context {eff['macs_context']}).", "",
+             "| batch | prefill tok/s | decode tok/s |", "|---|---|---|"]
+    for b, sp in eff["speed"].items():
+        lines.append(f"| {b.removeprefix('batch_')} | {sp['prefill_tok_s']:.1f} | {sp['decode_tok_s']:.1f} |")
+    energy = eff.get("energy")
+    if energy:
+        lines += ["", f"Energy (estimate, {energy['tool']}): {energy['kwh']:.3g} kWh, "
+                  f"{energy['co2_kg']:.3g} kg CO2-eq for the speed measurement."]
+    return lines
+
+
+def render_eval_markdown(result: dict) -> str:
+    """report.md of one ``codeprune eval`` run."""
+    r = result
+    he_cfg = (r.get("humaneval") or {}).get("config", {})
+    title = r.get("model") or f"completions {he_cfg.get('completions')}"
+    lines = [f"# codeprune eval: {title}", ""]
+    if "params_total" in r:
+        lines += [f"{r['params_total']:,} parameters, {r['params_nonzero']:,} non-zero; decoder Linear "
+                  f"sparsity {r['sparsity']:.4f}.", ""]
+    if r.get("perplexity"):
+        lines += ["## Perplexity (held-out)", "", "| source | language | ppl | tokens |", "|---|---|---|---|"]
+        for src, p in r["perplexity"].items():
+            lines.append(f"| `{src}` | {p.get('language') or ''} | {p['ppl']:.3f} | {p['tokens']:,} |")
+        first = next(iter(r["perplexity"].values()))
+        lines += ["", f"Protocol: {first['protocol']}.", ""]
+    he = r.get("humaneval")
+    if he:
+        cfg = he.get("config", {})
+        how = "scored from " + cfg["completions"] if cfg.get("completions") else (
+            f"{cfg.get('decoding')}, {cfg.get('samples')} sample(s)/problem, prompt format "
+            f"{cfg.get('prompt_format')}, max {cfg.get('max_new_tokens')} new tokens")
+        ks = ", ".join(f"{k} {v:.4f}" for k, v in he["pass@k"].items())
+        st = he["statuses"]
+        box = he.get("sandbox", {})
+        lines += ["## HumanEval", "", f"{ks} over {he['n_problems']} problems ({how}).", "",
+                  f"Programs: {st['passed']} passed, {st['failed']} failed, {st['timeout']} timed out, "
+                  f"{st['error']} errors. Sandbox: {box.get('timeout_s')} s, {box.get('memory_mb')} MB, "
+                  f"network {'isolated' if box.get('network_isolated') else 'NOT isolated'}, "
+                  f"{'throwaway uid' if box.get('uid_drop') else 'same uid'}.", ""]
+    if r.get("efficiency"):
+        lines += _efficiency_lines(r["efficiency"])
+    return "\n".join(lines).rstrip() + "\n"

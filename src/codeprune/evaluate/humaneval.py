@@ -28,6 +28,7 @@ import gzip
 import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,85 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 PROMPT_FORMATS = ("base", "instruct")
 INSTRUCTION = ("Complete the following Python function. Answer with the whole function "
                "in one ```python code block.\n\n```python\n{prompt}```")
+
+
+@dataclass
+class HumanEvalConfig:
+    """Everything ``codeprune eval --humaneval`` can be told (CLI flags in brackets)."""
+
+    samples: int = 1  # completions per problem [--samples]
+    temperature: float = 0.0  # 0: greedy [--temperature]
+    top_p: float = 0.95  # [--top-p], with temperature > 0
+    max_new_tokens: int = 512  # [--max-new-tokens]
+    batch_size: int = 8  # sequences per generate call [--batch-size]
+    prompt_format: str = "base"  # base | instruct [--prompt-format]
+    backend: str = "hf"  # hf | vllm [--backend]
+    limit: int | None = None  # the first N problems [--limit]
+    problems: str | None = None  # "HumanEval/3,10-12" [--problems]
+    problems_file: str | None = None  # another problem file [--problems-file]
+    completions: str | None = None  # score this samples file, load no model [--completions]
+    ks: tuple[int, ...] = (1, 10, 100)  # pass@k reported for k <= samples [--k]
+    timeout: float = 10.0  # seconds per program [--timeout]
+    memory_mb: int = 1024  # address space per program [--memory-mb]
+    workers: int | None = None  # programs at once (default min(4, cores)) [--workers]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"unknown prompt format '{self.prompt_format}': use {', '.join(PROMPT_FORMATS)}")
+        if self.backend not in ("hf", "vllm"):
+            raise ConfigError(f"unknown backend '{self.backend}': use hf or vllm")
+        if self.timeout <= 0 or self.memory_mb < 64:
+            raise ConfigError("--timeout must be > 0 and --memory-mb >= 64")
+        if any(k < 1 for k in self.ks):
+            raise ConfigError(f"pass@k needs k >= 1, got {self.ks}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.completions is None:
+            _check_generation(self.samples, self.temperature, self.top_p, self.max_new_tokens,
+                              self.batch_size)
+
+    @property
+    def limits(self) -> SandboxLimits:
+        return SandboxLimits(timeout=self.timeout, memory_mb=self.memory_mb)
+
+    def describe(self) -> dict:
+        keys = ("prompt_format", "backend", "limit", "problems", "problems_file", "completions", "timeout",
+                "memory_mb")
+        d = {k: getattr(self, k) for k in keys}
+        if self.completions is None:
+            d.update(samples=self.samples, temperature=self.temperature, top_p=self.top_p,
+                     max_new_tokens=self.max_new_tokens, seed=self.seed,
+                     decoding="greedy" if self.temperature == 0 else "sampling")
+        return d
+
+
+def run_humaneval(cfg: HumanEvalConfig, lm=None, *, model_path: str | Path | None = None
+                  ) -> tuple[dict, list[dict]]:
+    """Generate (or read) the samples, score them: (report section, samples)."""
+    problems = load_problems(cfg.problems_file, limit=cfg.limit, problems=cfg.problems)
+    if cfg.completions is not None:
+        samples = read_samples(cfg.completions)
+        wanted = {p["task_id"] for p in problems}
+        if cfg.limit is not None or cfg.problems:
+            samples = [s for s in samples if s["task_id"] in wanted]
+            if not samples:
+                raise CorpusError(f"{cfg.completions} has no completion for the selected problems")
+    elif cfg.backend == "vllm":
+        if model_path is None:
+            raise ConfigError("--backend vllm needs a checkpoint folder or hub id as --model")
+        samples = generate_completions_vllm(model_path, lm.tokenizer, problems, n=cfg.samples,
+                                            temperature=cfg.temperature, top_p=cfg.top_p,
+                                            max_new_tokens=cfg.max_new_tokens,
+                                            prompt_format=cfg.prompt_format, seed=cfg.seed)
+    else:
+        samples = generate_completions(lm, problems, n=cfg.samples, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, prompt_format=cfg.prompt_format,
+                                       seed=cfg.seed)
+    section = score_samples(problems, samples, ks=cfg.ks, limits=cfg.limits, workers=cfg.workers)
+    section["config"] = cfg.describe()
+    return section, samples
 
 
 # -- problems -----------------------------------------------------------------------------------
