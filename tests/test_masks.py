@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from codeprune.errors import ConfigError
+from codeprune.evaluate.similarity import jaccard_distance
 from codeprune.methods.magnitude import magnitude_scores
-from codeprune.methods.masks import jaccard_distance, nm_mask, unstructured_mask
+from codeprune.methods.masks import nm_mask, unstructured_mask
 from codeprune.methods.wanda import wanda_scores
 
 

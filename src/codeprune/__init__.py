@@ -4,7 +4,7 @@
     result = codeprune.prune("smollm2-135m", "wanda", sparsity=0.5, out="runs/wanda50")
 """
 
-from .api import PruneResult, evaluate, load, prune
+from .api import PruneResult, compare, evaluate, load, prune, report, sweep
 from .errors import (
     CodepruneError,
     ConfigError,
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CodepruneError", "ConfigError", "CorpusError", "CorruptModelError", "LoadedModel",
     "ModelNotFoundError", "ModelNotInstalledError", "OutputExistsError", "PruneResult",
-    "UnsupportedArchitectureError", "evaluate", "load", "prune",
+    "UnsupportedArchitectureError", "compare", "evaluate", "load", "prune", "report", "sweep",
 ]

@@ -1,11 +1,15 @@
-"""The Python API: ``load``, ``prune``, ``evaluate`` (the CLI calls exactly these).
+"""The Python API: ``load``, ``prune``, ``evaluate``, ``sweep``, ``compare``, ``report``
+(the CLI calls exactly these).
 
     import codeprune
     lm = codeprune.load("smollm2-135m")
     result = codeprune.prune(lm, "wanda", sparsity=0.5, calib="python-stdlib",
                              samples=64, seq_len=512, out="runs/wanda50")
     print(result.report["ppl_dense"], result.report["ppl_pruned"])
-    codeprune.evaluate("runs/wanda50", ppl=["python-stdlib"])
+    codeprune.evaluate("runs/wanda50", ppl=["code-ppl"], humaneval=True, out="runs/wanda50-eval")
+    codeprune.sweep("smollm2-135m", "wanda", calib_langs="python,java", out="runs/langs")
+    codeprune.compare(["runs/langs/python", "runs/langs/java"], out="runs/langs/compare")
+    codeprune.report(["runs/wanda50", "runs/langs/python"], out="runs/report")
 """
 
 from __future__ import annotations
@@ -157,8 +161,8 @@ def _ppl_sources(ppl) -> list[tuple[str, str | None]]:
             out += [(s, lang) for lang, s in code_corpora().items()]
         else:
             head = spec.split(":", 1)[0]
-            lang = "python" if spec == "python-stdlib" else head if head in LANGUAGES and ":" in spec else None
-            out.append((spec, lang))
+            lang = head if head in LANGUAGES and ":" in spec else None
+            out.append((spec, "python" if spec == "python-stdlib" else lang))
     return list(dict.fromkeys(out))
 
 
@@ -242,3 +246,25 @@ def write_eval_report(out: str | Path, result: dict, samples: list[dict] | None,
             write_samples(tmp / "humaneval_samples.jsonl", samples)
 
     return write_atomically(out, overwrite, fill)
+
+
+def compare(runs: list[str | Path], *, out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Mask Jaccard distances (per sublayer type, layer, model) and the calibration x evaluation
+    language perplexity matrix of run folders; compare.json/md and heatmaps in ``out``."""
+    from .analysis import compare_runs
+
+    return compare_runs(runs, out=out, overwrite=overwrite)
+
+
+def report(runs: list[str | Path], *, out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """One table over many run folders; runs.json, report.md and plots in ``out``."""
+    from .analysis import report_runs
+
+    return report_runs(runs, out=out, overwrite=overwrite)
+
+
+def sweep(model: str | LoadedModel, method: str = "wanda", **kwargs) -> dict:
+    """Language-specific sub-models: see ``codeprune.sweep.sweep``."""
+    from .sweep import sweep as _sweep
+
+    return _sweep(model, method, **kwargs)

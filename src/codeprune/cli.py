@@ -2,7 +2,10 @@
 
     codeprune models [--install NAME]
     codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
-    codeprune eval --model runs/wanda50 --ppl python-stdlib
+    codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval
+    codeprune sweep --model smollm2-135m --calib-langs python,java --out runs/langs
+    codeprune compare runs/langs/*
+    codeprune report runs/*
 
 Errors caused by input print one line on stderr and exit with code 2.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import CodepruneError, ConfigError
 
@@ -89,6 +93,36 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--memory-mb", type=int, default=1024, help="memory per program (default 1024)")
     h.add_argument("--workers", type=int, help="programs run at once (default min(4, cores))")
     h.add_argument("--seed", type=int, default=0)
+
+    w = sub.add_parser("sweep", help="one sub-model per calibration language, scored on every language")
+    _add_common(w)
+    w.add_argument("--method", default="wanda", choices=sorted(METHODS))
+    w.add_argument("--sparsity", type=float, default=0.5)
+    w.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M")
+    w.add_argument("--calib-langs", default="python,java,cpp,javascript",
+                   help="languages (corpora found here, see `codeprune eval --ppl code-ppl`) or "
+                        "NAME=SOURCE pairs, comma-separated (default python,java,cpp,javascript)")
+    w.add_argument("--eval-langs", help="evaluation languages, same syntax (default: the calibration ones)")
+    w.add_argument("--samples", type=int, default=64, help="calibration windows per language (default 64)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--batch-size", type=int, default=8)
+    w.add_argument("--eval-windows", type=int, default=32, help="held-out windows per language (default 32)")
+    w.add_argument("--save-models", action="store_true", help="also save every sub-model as a checkpoint")
+    w.add_argument("--no-efficiency", action="store_true", help="skip the speed measurements")
+    w.add_argument("--out", required=True, help="output folder (one sub-folder per language)")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+    c = sub.add_parser("compare", help="mask Jaccard distances and cross-language perplexity of runs")
+    c.add_argument("runs", nargs="+", help="run folders (with report.json; masks or checkpoint)")
+    c.add_argument("--out", help="output folder (default: compare/ beside the runs)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not ours")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    r = sub.add_parser("report", help="one table (Markdown, JSON) and plots over many runs")
+    r.add_argument("runs", nargs="+", help="run folders (with report.json)")
+    r.add_argument("--out", help="output folder (default: report/ beside the runs)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not ours")
+    r.add_argument("--json", action="store_true", help="print the table as JSON")
     return parser
 
 
@@ -170,9 +204,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    res = sweep(args.model, args.method, out=args.out, sparsity=args.sparsity, pattern=args.pattern,
+                calib_langs=args.calib_langs, eval_langs=args.eval_langs, samples=args.samples,
+                seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows, device=args.device,
+                batch_size=args.batch_size, text_field=args.text_field, save_models=args.save_models,
+                efficiency=not args.no_efficiency, overwrite=args.overwrite, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print((Path(res["compare"]) / "compare.md").read_text())
+    print(f"saved to {res['out']} (comparison in {res['compare']})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .analysis import compare_runs, default_out, render_compare
+
+    res = compare_runs(args.runs, out=args.out or default_out(args.runs, "compare"), overwrite=args.overwrite)
+    print(json.dumps(res, indent=2) if args.json else render_compare(res), end="\n" if args.json else "")
+    if not args.json:
+        print(f"\nsaved to {res['out']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .analysis import default_out, render_runs, report_runs
+
+    res = report_runs(args.runs, out=args.out or default_out(args.runs, "report"), overwrite=args.overwrite)
+    print(json.dumps(res, indent=2) if args.json else render_runs(res), end="\n" if args.json else "")
+    if not args.json:
+        print(f"\nsaved to {res['out']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"models": cmd_models, "prune": cmd_prune, "eval": cmd_eval}[args.command]
+    handler = {"models": cmd_models, "prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep,
+               "compare": cmd_compare, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except CodepruneError as e:

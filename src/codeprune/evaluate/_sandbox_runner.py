@@ -14,7 +14,10 @@ stdout. Layers, from the outside in:
   with a fresh working folder and an environment of its own (nothing inherited);
 - the program passes only if a driver reaches the end of it and writes a random
   nonce to a pipe that only the driver knows: ``sys.exit(0)`` or ``os._exit(0)``
-  before the tests run cannot claim success.
+  before the tests run cannot claim success. (A program written against this
+  driver can still find the nonce in the driver's frame: code that runs in the
+  process that runs its tests can always forge their outcome, in any harness.
+  The sandbox contains damage; it does not make deliberate cheating impossible.)
 """
 
 import ctypes
@@ -65,8 +68,9 @@ _run(int(sys.argv[1]), int(sys.argv[2]))
 '''
 
 
-def _children(pid: int) -> list[int]:
-    out = []
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every process."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -76,26 +80,70 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()
-        if int(fields[1]) == pid:  # fields[0] is the state, fields[1] the parent pid
-            out.append(int(entry))
+        out[int(entry)] = int(fields[1])  # fields[0] is the state, fields[1] the parent pid
     return out
 
 
-def _kill_descendants() -> None:
-    """SIGKILL every descendant of this runner (orphans are re-parented here) and reap them."""
+def _descendants(root: int) -> list[int]:
+    parents = _parents()
+    found, frontier = [], [root]
+    while frontier:
+        kids = [p for p, pp in parents.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of the throwaway ``uid``: a child of ours takes that uid and
+    calls kill(-1), which reaches all of them at once, however many and wherever they are."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            for _ in range(1000):
+                os.kill(-1, signal.SIGKILL)  # every process of this uid except the caller
+                time.sleep(0.001)
+        except ProcessLookupError:
+            os._exit(0)  # none left
+        except BaseException:
+            os._exit(1)
+        os._exit(1)
+    os.waitpid(pid, 0)
+
+
+def _kill_descendants(uid) -> None:
+    """Kill every descendant of this runner (orphans are re-parented here, as a subreaper) and reap.
+
+    With a throwaway uid, kill(-1) as that uid first. Then the process tree is frozen
+    (SIGSTOP, repeated until no new process appears: a stopped process cannot fork)
+    and killed, so a fork bomb cannot refill the slots it is given back."""
     me = os.getpid()
-    deadline = time.monotonic() + 5.0
+    if uid is not None:
+        _kill_uid(uid)
+    deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
-        kids = _children(me)
-        if not kids:
+        stopped: set[int] = set()
+        while True:
+            fresh = [p for p in _descendants(me) if p not in stopped]
+            if not fresh:
+                break
+            for p in fresh:
+                try:
+                    os.kill(p, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+                stopped.add(p)
+        if not stopped:
             break
-        for pid in kids:
+        for p in stopped:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         _reap()
-        time.sleep(0.01)
+        time.sleep(0.005)
     _reap()
 
 
@@ -159,6 +207,7 @@ def main() -> None:
     out_path, err_path = os.path.join(logdir, "stdout"), os.path.join(logdir, "stderr")
     start = time.monotonic()
     timed_out = False
+    cpu_used = 0.0
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         try:
             proc = subprocess.Popen(
@@ -173,6 +222,8 @@ def main() -> None:
         os.close(result_w)
         try:
             returncode = proc.wait(timeout=timeout)
+            usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the program's CPU time
+            cpu_used = usage.ru_utime + usage.ru_stime
         except subprocess.TimeoutExpired:
             timed_out = True
             try:
@@ -185,7 +236,7 @@ def main() -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its session
     except (ProcessLookupError, PermissionError):
         pass
-    _kill_descendants()  # and whatever left the session (setsid, double fork)
+    _kill_descendants(uid)  # and whatever left the session (setsid, double fork)
     os.set_blocking(result_r, False)
     try:
         report = os.read(result_r, 65536).decode("utf-8", "replace")
@@ -197,7 +248,9 @@ def main() -> None:
     network = next((ln[4:] for ln in lines if ln.startswith("net ")), None)
     exc = next((ln[4:] for ln in lines if ln.startswith("exc ")), None)
     ok = any(ln == "ok " + nonce.decode() for ln in lines)
-    cpu_kill = not timed_out and not ok and returncode in (-signal.SIGXCPU, -signal.SIGKILL)
+    cpu_kill = not timed_out and not ok and (
+        returncode == -signal.SIGXCPU
+        or (returncode == -signal.SIGKILL and cpu_used >= int(job["cpu_seconds"]) - 0.05))
     if timed_out:
         status, detail = "timeout", f"wall-clock limit: killed after {seconds:.1f} s"
     elif cpu_kill:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, CorpusError
 from .passk import mean_pass_at_k
-from .sandbox import SandboxLimits, check_sandbox, run_programs
+from .sandbox import STATUSES, SandboxLimits, check_sandbox, run_programs
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 PROMPT_FORMATS = ("base", "instruct")
@@ -67,7 +67,8 @@ class HumanEvalConfig:
 
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ConfigError(f"unknown prompt format '{self.prompt_format}': use {', '.join(PROMPT_FORMATS)}")
+            raise ConfigError(f"unknown prompt format '{self.prompt_format}': "
+                              f"use {', '.join(PROMPT_FORMATS)}")
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"unknown backend '{self.backend}': use hf or vllm")
         if self.timeout <= 0 or self.memory_mb < 64:
@@ -331,15 +332,15 @@ def generate_completions_vllm(model_path: str | Path, tokenizer, problems: list[
     samples = []
     for p, out in zip(problems, outputs, strict=True):
         for o in out.outputs:
-            samples.append({"task_id": p["task_id"], "completion": extract_completion(p, o.text, prompt_format),
-                            "raw": o.text})
+            samples.append({"task_id": p["task_id"], "raw": o.text,
+                            "completion": extract_completion(p, o.text, prompt_format)})
     return samples
 
 
 # -- scoring ------------------------------------------------------------------------------------
 
 def score_samples(problems: list[dict], samples: list[dict], *, ks: tuple[int, ...] = (1, 10, 100),
-                  limits: SandboxLimits = SandboxLimits(), workers: int | None = None) -> dict:
+                  limits: SandboxLimits | None = None, workers: int | None = None) -> dict:
     """Run every sample in the sandbox; the report.json ``humaneval`` section.
 
     pass@k is reported for each k in ``ks`` that is <= the samples per problem
@@ -350,6 +351,7 @@ def score_samples(problems: list[dict], samples: list[dict], *, ks: tuple[int, .
     if unknown:
         raise CorpusError(f"completions for unknown problems, e.g. {unknown[0]} "
                           f"({len(unknown)} task ids not in the problem set)")
+    limits = limits or SandboxLimits()
     sandbox = check_sandbox(limits)
     bar = tqdm(total=len(samples), desc="humaneval execute", unit="program")
     outcomes = run_programs([program(by_id[s["task_id"]], s["completion"]) for s in samples],
@@ -368,7 +370,7 @@ def score_samples(problems: list[dict], samples: list[dict], *, ks: tuple[int, .
     n_min = min(st["n"] for st in per_problem.values())
     counts = [(st["n"], st["correct"]) for st in per_problem.values()]
     pass_k = {f"pass@{k}": mean_pass_at_k(counts, k) for k in sorted(set(ks) | {1}) if k <= n_min}
-    statuses = {st: sum(r["status"] == st for r in results) for st in ("passed", "failed", "timeout", "error")}
+    statuses = {st: sum(r["status"] == st for r in results) for st in STATUSES}
     return {
         "pass@1": pass_k["pass@1"],
         "pass@k": pass_k,

@@ -12,9 +12,10 @@ library only), which starts the program with:
 - an environment built from scratch: PATH, LANG, HOME, TMPDIR; no inherited secrets;
 - a new network namespace (loopback only) where the OS allows: as root, or with
   unprivileged user namespaces. The runner reports what the program saw;
-- when codeprune runs as root, a throwaway uid (``uid_base + slot``, no login, no
-  files of its own): RLIMIT_NPROC is then enforced (Linux ignores it for root) and
-  the program cannot write to the user's files;
+- when codeprune runs as root, a throwaway uid (``sandbox_uid``: no login, no
+  files of its own, one per worker of one codeprune process): RLIMIT_NPROC is then
+  enforced (Linux ignores it for root), the program cannot write to the user's
+  files, and at the end every process of that uid is killed;
 - all its processes killed at the end, including ones that left its session: the
   runner is a child subreaper, so orphans are re-parented to it.
 
@@ -118,11 +119,20 @@ def _user_process_count() -> int:
     return n
 
 
-def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(), slot: int = 0,
+def sandbox_uid(limits: SandboxLimits, slot: int) -> int:
+    """The throwaway uid of a worker slot: distinct per codeprune process (by pid) and per slot,
+    so two evaluations running at once never share one (the final kill is per uid)."""
+    if not 0 <= slot < 64:
+        raise ValueError(f"sandbox slot {slot} out of range 0-63")
+    return limits.uid_base + (os.getpid() % 4096) * 64 + slot
+
+
+def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int = 0,
                 python: str | None = None) -> SandboxResult:
     """Run ``source`` as a Python program in the sandbox and say how it ended."""
+    limits = limits or SandboxLimits()
     root = os.geteuid() == 0
-    uid = limits.uid_base + slot if root else None
+    uid = sandbox_uid(limits, slot) if root else None
     max_proc = limits.max_processes if root else _user_process_count() + limits.max_processes
     workdir = Path(tempfile.mkdtemp(prefix="codeprune-sandbox-"))
     logdir = Path(tempfile.mkdtemp(prefix="codeprune-sandbox-log-"))
@@ -158,13 +168,13 @@ def run_program(source: str, *, limits: SandboxLimits = SandboxLimits(), slot: i
         shutil.rmtree(logdir, ignore_errors=True)
 
 
-def run_programs(sources: list[str], *, limits: SandboxLimits = SandboxLimits(), workers: int | None = None,
+def run_programs(sources: list[str], *, limits: SandboxLimits | None = None, workers: int | None = None,
                  progress=None) -> list[SandboxResult]:
     """Run many programs, ``workers`` at a time, each in its own sandbox (results in order).
 
     Each concurrent worker owns one slot, hence one throwaway uid, so the process
     limit and the final kill of one program never touch another's."""
-    workers = max(1, workers or min(4, os.cpu_count() or 1))
+    workers = min(64, max(1, workers or min(4, os.cpu_count() or 1)))
     slots: queue.Queue[int] = queue.Queue()
     for s in range(workers):
         slots.put(s)
@@ -185,9 +195,10 @@ def run_programs(sources: list[str], *, limits: SandboxLimits = SandboxLimits(),
 _CHECKED: dict[tuple, dict] = {}
 
 
-def check_sandbox(limits: SandboxLimits = SandboxLimits()) -> dict:
+def check_sandbox(limits: SandboxLimits | None = None) -> dict:
     """Run a trivial program once: raise SandboxError if programs cannot run at all,
     and return what the sandbox provides here ({"network_isolated", "uid_drop", "python"})."""
+    limits = limits or SandboxLimits()
     key = (limits, interpreter())
     if key not in _CHECKED:
         res = run_program("import sys\nassert sys.version_info >= (3,)\n", limits=limits)

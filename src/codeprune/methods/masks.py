@@ -35,9 +35,3 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
     return nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity)
-
-
-def jaccard_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """1 - |A & B| / |A | B| of two boolean masks (True = pruned); 0 for two empty masks."""
-    union = (a | b).sum().item()
-    return 0.0 if union == 0 else 1.0 - (a & b).sum().item() / union
