@@ -381,3 +381,17 @@ def test_hf_dataset_spec(monkeypatch):
     assert calls[-1] == ("org/name", None, "test")
     with pytest.raises(CorpusError, match="no field 'body'"):
         read_source("hf:org/name:test:body")
+
+
+def test_heldout_slices_skip_the_file_start(tiny_tokenizer):
+    """Held-out slices sit at fixed pseudo-random offsets, not at every file's licence header."""
+    header = "# Copyright (C) the authors. Licensed under the terms of the licence.\n" * 3
+    docs = [Document(f"f{i}.py", header + "".join(f"x{i}_{j} = {j}\n" for j in range(60))) for i in range(200)]
+    corpus = Corpus("headers", docs)
+    a = heldout_windows(tiny_tokenizer, corpus, seq_len=32, max_windows=8)
+    b = heldout_windows(tiny_tokenizer, corpus, seq_len=32, max_windows=8)
+    assert torch.equal(a.input_ids, b.input_ids)  # deterministic
+    head = tiny_tokenizer(header, add_special_tokens=False)["input_ids"][:8]
+    rows = [r.tolist() for r in a.input_ids]
+    starts_with_header = sum(any(row[k:k + 8] == head for k in range(len(row) - 8)) for row in rows)
+    assert starts_with_header < len(rows)

@@ -264,7 +264,7 @@ def report(runs: list[str | Path], *, out: str | Path | None = None, overwrite: 
 
 
 def sweep(model: str | LoadedModel, method: str = "wanda", **kwargs) -> dict:
-    """Language-specific sub-models: see ``codeprune.sweep.sweep``."""
-    from .sweep import sweep as _sweep
+    """Language-specific sub-models: see ``codeprune.language_sweep.sweep``."""
+    from .language_sweep import sweep as _sweep
 
     return _sweep(model, method, **kwargs)

@@ -205,7 +205,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import sweep
+    from .language_sweep import sweep
 
     res = sweep(args.model, args.method, out=args.out, sparsity=args.sparsity, pattern=args.pattern,
                 calib_langs=args.calib_langs, eval_langs=args.eval_langs, samples=args.samples,

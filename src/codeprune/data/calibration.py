@@ -50,6 +50,9 @@ class TokenWindows:
                 "skipped_files": self.skipped}
 
 
+HELDOUT_OFFSET_SEED = 20240501  # fixed: held-out windows never depend on --seed
+
+
 def _unit_hash(doc_id: str) -> float:
     return int(hashlib.sha1(doc_id.encode()).hexdigest()[:12], 16) / float(1 << 48)
 
@@ -123,10 +126,11 @@ def calibration_windows(tokenizer, corpus: Corpus, *, samples: int, seq_len: int
 
 def heldout_windows(tokenizer, corpus: Corpus, *, seq_len: int, max_windows: int | None = 32,
                     heldout_fraction: float = HELDOUT_FRACTION) -> TokenWindows:
-    """Non-overlapping windows of the held-out split (no seed: always the same windows).
+    """Non-overlapping windows of the held-out split (always the same windows: no user seed).
 
-    Held-out documents in id order each give their first ``seq_len`` tokens
-    (EOS between documents); the stream is cut into windows of ``seq_len``.
+    Held-out documents in id order each give a slice of at most ``seq_len`` tokens
+    at a pseudo-random offset drawn from a fixed seed (HELDOUT_OFFSET_SEED), EOS
+    between documents; the stream is cut into windows of ``seq_len``.
     Returns every full window when ``max_windows`` is None."""
     check_window_sizes(1, seq_len)
     if max_windows is not None and max_windows < 1:
@@ -134,7 +138,9 @@ def heldout_windows(tokenizer, corpus: Corpus, *, seq_len: int, max_windows: int
     _, docs = split_documents(corpus, heldout_fraction)
     docs = sorted(docs, key=lambda d: d.id)
     need = max_windows * seq_len if max_windows else float("inf")
-    ids, used = _token_stream(tokenizer, docs, need, seq_len, None)
+    # a fixed offset per file, not its start: source files open with licence headers,
+    # which would make every language look like English boilerplate
+    ids, used = _token_stream(tokenizer, docs, need, seq_len, random.Random(HELDOUT_OFFSET_SEED))
     n = len(ids) // seq_len if max_windows is None else min(max_windows, len(ids) // seq_len)
     if n < 1:
         raise CorpusError(

@@ -17,9 +17,10 @@ Prompt formats:
 - ``base``: the prompt as is; generation stops at a line that starts a new
   top-level statement (STOP_SEQUENCES, the Codex paper's list);
 - ``instruct``: the prompt inside the tokenizer's chat template with an
-  instruction; the first fenced code block of the answer is taken, and if it
-  redefines the function it replaces the prompt's stub (Python keeps the last
-  definition).
+  instruction, and the answer started with "```python\n" (a response prefix, as
+  EvalPlus does); generation stops at the fence that closes that block, and if the
+  code redefines the function it replaces the prompt's stub (Python keeps the
+  last definition).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from .passk import mean_pass_at_k
 from .sandbox import STATUSES, SandboxLimits, check_sandbox, run_programs
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+RESPONSE_PREFIX = "```python\n"  # instruct answers start with it (part of the prompt)
+INSTRUCT_STOP = ("\n```",)  # the fence that closes the answer's code
 PROMPT_FORMATS = ("base", "instruct")
 INSTRUCTION = ("Complete the following Python function. Answer with the whole function "
                "in one ```python code block.\n\n```python\n{prompt}```")
@@ -231,7 +234,8 @@ def build_prompt(problem: dict, prompt_format: str, tokenizer) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("--prompt-format instruct needs a tokenizer with a chat template")
         messages = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat + RESPONSE_PREFIX  # the answer starts inside a code block
     raise ConfigError(f"unknown prompt format '{prompt_format}': use one of {', '.join(PROMPT_FORMATS)}")
 
 
@@ -245,8 +249,7 @@ def extract_completion(problem: dict, text: str, prompt_format: str) -> str:
     """The completion (text after the prompt) from a model's raw output."""
     if prompt_format == "base":
         return truncate_at_stop(text)
-    blocks = re.findall(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", text, flags=re.S)
-    code = blocks[0] if blocks else text
+    code = text.split("```", 1)[0]  # the prompt opened the block: the code runs to the next fence
     if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.M):
         return "\n" + code  # a whole function: it replaces the prompt's stub
     return code  # a body: it continues the prompt
@@ -286,8 +289,8 @@ def generate_completions(lm, problems: list[dict], *, n: int = 1, temperature: f
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if prompt_format == "base":
-        kwargs.update(stop_strings=list(STOP_SEQUENCES), tokenizer=tok)
+    stops = STOP_SEQUENCES if prompt_format == "base" else INSTRUCT_STOP
+    kwargs.update(stop_strings=list(stops), tokenizer=tok)
     was_training = model.training
     model.eval()
     try:
@@ -326,7 +329,7 @@ def generate_completions_vllm(model_path: str | Path, tokenizer, problems: list[
     prompts = [build_prompt(p, prompt_format, tokenizer) for p in problems]
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             max_tokens=max_new_tokens, seed=seed,
-                            stop=list(STOP_SEQUENCES) if prompt_format == "base" else None)
+                            stop=list(STOP_SEQUENCES if prompt_format == "base" else INSTRUCT_STOP))
     llm = LLM(model=str(model_path), dtype=dtype, seed=seed)
     outputs = llm.generate(prompts, params)
     samples = []

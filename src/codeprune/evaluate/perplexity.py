@@ -57,7 +57,8 @@ def perplexity(lm: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
 
 def protocol(windows: TokenWindows) -> str:
     return (f"held-out split of '{windows.source}' ({windows.n_documents} files, never used for "
-            f"calibration; each file contributes at most its first {windows.seq_len} tokens), "
+            f"calibration; each file contributes one slice of at most {windows.seq_len} tokens at a "
+            f"fixed pseudo-random offset), "
             f"{windows.samples} non-overlapping windows of {windows.seq_len} tokens, stride "
             f"{windows.seq_len}, no context carried across windows, token-weighted mean NLL "
             f"over {windows.seq_len - 1} predictions per window, ppl = exp(NLL)")
