@@ -57,3 +57,18 @@ def test_pass_at_k_hand_computed():
     assert mean_pass_at_k([(2, 1), (2, 0)], 1) == pytest.approx(0.25)
     with pytest.raises(ConfigError):
         pass_at_k(3, 1, 4)
+
+
+def test_energy_estimate_through_codecarbon(monkeypatch):
+    pytest.importorskip("codecarbon")
+    from codeprune.evaluate.efficiency import energy_tracker
+
+    monkeypatch.setenv("CODEPRUNE_ENERGY", "1")
+    with energy_tracker() as energy:
+        sum(i * i for i in range(200_000))
+    assert energy["estimate"] is True and "codecarbon" in energy["tool"]
+    assert energy["kwh"] >= 0 and energy["co2_kg"] >= 0
+    monkeypatch.setenv("CODEPRUNE_ENERGY", "0")
+    with energy_tracker() as off:
+        pass
+    assert off == {}
