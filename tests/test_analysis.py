@@ -19,7 +19,8 @@ from .conftest import make_tiny
 
 def test_masks_round_trip_bit_packed(tmp_path):
     g = torch.Generator().manual_seed(0)
-    masks = {"0.q_proj": torch.rand(7, 13, generator=g) < 0.5, "1.down_proj": torch.rand(3, 5, generator=g) < 0.3}
+    masks = {"0.q_proj": torch.rand(7, 13, generator=g) < 0.5,
+             "1.down_proj": torch.rand(3, 5, generator=g) < 0.3}
     save_masks(tmp_path / "m.safetensors", masks)
     back = load_masks(tmp_path / "m.safetensors")
     assert back.keys() == masks.keys()

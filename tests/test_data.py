@@ -386,7 +386,8 @@ def test_hf_dataset_spec(monkeypatch):
 def test_heldout_slices_skip_the_file_start(tiny_tokenizer):
     """Held-out slices sit at fixed pseudo-random offsets, not at every file's licence header."""
     header = "# Copyright (C) the authors. Licensed under the terms of the licence.\n" * 3
-    docs = [Document(f"f{i}.py", header + "".join(f"x{i}_{j} = {j}\n" for j in range(60))) for i in range(200)]
+    body = "".join(f"x{j} = {j}\n" for j in range(60))
+    docs = [Document(f"f{i}.py", header + body.replace("x", f"v{i}_")) for i in range(200)]
     corpus = Corpus("headers", docs)
     a = heldout_windows(tiny_tokenizer, corpus, seq_len=32, max_windows=8)
     b = heldout_windows(tiny_tokenizer, corpus, seq_len=32, max_windows=8)

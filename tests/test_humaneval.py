@@ -193,7 +193,7 @@ def test_bad_samples_file(content, message, tmp_path: Path):
     ("    return x\n# a comment\n", "    return x"),
     ("    return x\nif __name__ == '__main__':\n", "    return x"),
     ("    return x\nprint(f(1))\n", "    return x"),
-    ("    if x:\n        return 1\n    # inside\n    return 2\n", "    if x:\n        return 1\n    # inside\n    return 2\n"),
+    ("    if x:\n        return 1\n    # inside\n    return 2\n",) * 2,  # indented: no stop
     ("    return x\n", "    return x\n"),
     ("", ""),
     ("\ndef g():\n", ""),
@@ -227,7 +227,8 @@ def test_extract_instruct_whole_function(by_id):
 
 def test_extract_instruct_helper_then_function(by_id):
     p = by_id["HumanEval/2"]
-    raw = "import math\n\ndef truncate_number(number: float) -> float:\n    return number - math.floor(number)\n```"
+    raw = ("import math\n\ndef truncate_number(number: float) -> float:\n"
+           "    return number - math.floor(number)\n```")
     completion = extract_completion(p, raw, "instruct")
     assert completion.startswith("\nimport math\n")
     assert "def truncate_number(" in completion and "```" not in completion
@@ -346,7 +347,8 @@ def test_every_canonical_solution_passes(problems):
 @pytest.fixture
 def samples_file(tmp_path: Path, by_id) -> Path:
     path = tmp_path / "samples.jsonl"
-    write_samples(path, [right(by_id["HumanEval/0"]), wrong(by_id["HumanEval/1"]), right(by_id["HumanEval/2"])])
+    write_samples(path, [right(by_id["HumanEval/0"]), wrong(by_id["HumanEval/1"]),
+                         right(by_id["HumanEval/2"])])
     return path
 
 
@@ -410,7 +412,8 @@ def test_cli_overwrite(samples_file: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "old.txt").write_text("old\n")
-    code = main(["eval", "--completions", str(samples_file), "--limit", "1", "--out", str(out), "--overwrite"])
+    code = main(["eval", "--completions", str(samples_file), "--limit", "1", "--out", str(out),
+                 "--overwrite"])
     assert code == 0, capsys.readouterr().err
     assert not (out / "old.txt").exists()
     assert json.loads((out / "report.json").read_text())["humaneval"]["pass@1"] == 1.0

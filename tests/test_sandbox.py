@@ -413,7 +413,8 @@ def test_sandbox_uid_per_slot():
     uids = [sandbox_uid(LIMITS, slot) for slot in range(64)]
     assert len(set(uids)) == 64
     assert all(uid >= LIMITS.uid_base for uid in uids)
-    assert sandbox_uid(SandboxLimits(uid_base=70000), 0) - sandbox_uid(SandboxLimits(uid_base=60000), 0) == 10000
+    base = sandbox_uid(SandboxLimits(uid_base=60000), 0)
+    assert sandbox_uid(SandboxLimits(uid_base=70000), 0) - base == 10000
     for slot in (-1, 64):
         with pytest.raises(ValueError):
             sandbox_uid(LIMITS, slot)
@@ -428,9 +429,9 @@ def test_each_worker_has_its_own_uid():
 
 
 @needs_root
-@pytest.mark.xfail(strict=False, reason="src bug: _kill_uid in _sandbox_runner.py waits for kill(-1) to raise "
-                                        "ProcessLookupError, but kill(-1) only fails with ESRCH when the "
-                                        "caller can see no other process at all (EPERM is not reported), "
+@pytest.mark.xfail(strict=False, reason="src bug: _kill_uid in _sandbox_runner.py waits for kill(-1) to "
+                                        "raise ProcessLookupError, but kill(-1) only fails with ESRCH when "
+                                        "the caller can see no other process at all (EPERM is not reported), "
                                         "so it always runs its 1000 x 1 ms loop: >= 1 s on every program")
 def test_a_trivial_program_is_quick():
     run("pass\n")  # warm

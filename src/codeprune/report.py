@@ -57,6 +57,13 @@ def render_markdown(report: dict) -> str:
                   f"{calib['seq_len']} tokens from {calib['documents']} files, seed {calib['seed']}."]
     if r.get("ppl_protocol"):
         lines += ["", f"Perplexity protocol: {r['ppl_protocol']}."]
+    if r.get("perplexity"):  # sweep members: every evaluation language
+        dense = r.get("perplexity_dense") or {}
+        lines += ["", "| evaluated on | ppl | dense ppl |", "|---|---|---|"]
+        lines += [f"| {lang} | {e['ppl']:.3f} | {_fmt(dense.get(lang, ''))} |"
+                  for lang, e in r["perplexity"].items()]
+        first = next(iter(r["perplexity"].values()))
+        lines += ["", f"Perplexity protocol: {first['protocol']}."]
     per_layer = r.get("per_layer") or {}
     if per_layer:
         by_kind = defaultdict(list)
