@@ -120,12 +120,13 @@ def test_bad_selection(selection, limit, message):
         load_problems(problems=selection, limit=limit)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: humaneval._select takes a reversed range '12-10' as "
-                                       "range(12, 11), i.e. no problem, and load_problems returns [] "
-                                       "without an error (score_samples then fails on min() of nothing)")
-def test_reversed_range_is_an_error():
-    with pytest.raises(ConfigError):
+def test_reversed_or_empty_selection_is_an_error():
+    with pytest.raises(ConfigError, match="low-high"):
         load_problems(problems="12-10")
+    with pytest.raises(ConfigError, match="no problems"):
+        load_problems(problems=" , ")
+    with pytest.raises(CorpusError, match="no completions"):
+        score_samples(load_problems(limit=1), [])
 
 
 def test_problems_file(tmp_path: Path, by_id):

@@ -97,13 +97,18 @@ def _descendants(root: int) -> list[int]:
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process of the throwaway ``uid``: a child of ours takes that uid and
     calls kill(-1), which reaches all of them at once, however many and wherever they are."""
+    if not _uid_processes(uid):
+        return
     pid = os.fork()
     if pid == 0:
         try:
             os.setgid(uid)
             os.setuid(uid)
+            me = os.getpid()
             for _ in range(1000):
                 os.kill(-1, signal.SIGKILL)  # every process of this uid except the caller
+                if not [p for p in _uid_processes(uid) if p != me]:
+                    os._exit(0)
                 time.sleep(0.001)
         except ProcessLookupError:
             os._exit(0)  # none left
@@ -111,6 +116,18 @@ def _kill_uid(uid: int) -> None:
             os._exit(1)
         os._exit(1)
     os.waitpid(pid, 0)
+
+
+def _uid_processes(uid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    out.append(int(entry))
+            except OSError:
+                pass
+    return out
 
 
 def _kill_descendants(uid) -> None:

