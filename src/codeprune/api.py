@@ -167,24 +167,25 @@ def _ppl_sources(ppl) -> list[tuple[str, str | None]]:
 
 
 def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[str, ...] | None = None,
-             humaneval: bool | HumanEvalConfig = False, efficiency: bool = False, seq_len: int = 512,
+             humaneval: bool | HumanEvalConfig = False, efficiency: bool = True, seq_len: int = 512,
              windows: int = 32, device: str = "cpu", text_field: str = "text", offload: bool = False,
              dtype: str | torch.dtype = "float32", out: str | Path | None = None,
              overwrite: bool = False) -> dict:
     """Evaluate a model: held-out perplexity per source, HumanEval pass@k, efficiency.
 
     ``ppl``: sources scored on their held-out split (``code-ppl`` = every language
-    corpus present); the default is python-stdlib when nothing else is asked.
+    corpus present); the default is python-stdlib unless HumanEval is asked.
     ``humaneval``: True or a ``HumanEvalConfig``; with ``completions`` set in it,
     completions produced elsewhere are scored and no model is loaded. With
-    ``efficiency``: size, disk, MACs per token, prefill/decode tokens/s at batch 1
-    and 8, peak memory, energy estimate. With ``offload`` the model stays on the
+    ``efficiency`` (default) and a model: size, disk, MACs per token, prefill/decode
+    tokens/s at batch 1 and 8, peak memory, energy estimate. With ``offload`` the model stays on the
     CPU and one layer at a time runs on ``device``. With ``out``: report.json,
     report.md (and humaneval_samples.jsonl) written there atomically.
     Returns {"model", "perplexity": {spec: {...}}, "humaneval": {...}, "efficiency": {...}, ...}."""
     he = HumanEvalConfig() if humaneval is True else humaneval or None
     if ppl is None:
-        ppl = [] if he or efficiency else ["python-stdlib"]
+        ppl = [] if he else ["python-stdlib"]
+    efficiency = efficiency and model is not None
     needs_model = bool(ppl) or efficiency or (he is not None and he.completions is None)
     if needs_model and model is None:
         raise ConfigError("give --model (only --humaneval --completions FILE works without one)")

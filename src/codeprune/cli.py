@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "corpus present; default python-stdlib when nothing else is asked")
     e.add_argument("--windows", type=int, default=32, help="held-out windows per source (default 32)")
     e.add_argument("--efficiency", action="store_true",
-                   help="also measure size, disk, MACs/token, prefill/decode tokens/s, energy")
+                   help="size, disk, MACs/token, prefill/decode tokens/s, memory, energy (the default)")
+    e.add_argument("--no-efficiency", action="store_true", help="skip the efficiency measurements")
     e.add_argument("--out", help="write report.json / report.md (and HumanEval samples) to this folder")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     h = e.add_argument_group("HumanEval")
@@ -191,7 +192,7 @@ def cmd_eval(args) -> int:
             backend=args.backend, limit=args.limit, problems=args.problems, problems_file=args.problems_file,
             completions=args.completions, ks=_ints(args.k, "--k"), timeout=args.timeout,
             memory_mb=args.memory_mb, workers=args.workers, seed=args.seed)
-    res = evaluate(args.model, ppl=args.ppl, humaneval=humaneval, efficiency=args.efficiency,
+    res = evaluate(args.model, ppl=args.ppl, humaneval=humaneval, efficiency=not args.no_efficiency,
                    seq_len=args.seq_len, windows=args.windows, device=args.device,
                    text_field=args.text_field, offload=args.offload, dtype=args.dtype, out=args.out,
                    overwrite=args.overwrite)
