@@ -29,11 +29,13 @@ from .data.sources import code_corpora
 from .engine import place_model, resolve_device
 from .errors import ConfigError
 from .evaluate import perplexity, protocol
+from .evaluate.efficiency import disk_bytes, efficiency_report
+from .evaluate.similarity import model_masks, save_masks
 from .export import check_output, write_atomically
 from .methods import make_pruner
 from .methods.base import prune_model_
 from .models.sources import LoadedModel
-from .report import count_parameters, linear_sparsity
+from .report import count_parameters, linear_sparsity, render_markdown
 
 DEFAULT_LANGS = "python,java,cpp,javascript"
 
@@ -137,23 +139,15 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
                 "method_options": dict(vars(pruner.config)), "source": lm.origin,
             }
             if efficiency:
-                from .evaluate.efficiency import efficiency_report
-
                 report["efficiency"] = efficiency_report(lm)
             member = tmp / lang
             member.mkdir()
-            from .evaluate.similarity import model_masks, save_masks
-
             save_masks(member / "masks.safetensors", model_masks(lm))
             if save_models:
                 lm.model.save_pretrained(member)
                 tok.save_pretrained(member)
             if report.get("efficiency"):
-                from .evaluate.efficiency import disk_bytes
-
                 report["efficiency"]["disk_bytes"] = disk_bytes(member) if save_models else None
-            from .report import render_markdown
-
             (member / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             (member / "report.md").write_text(render_markdown(report))
             summary["ppl_matrix"][lang] = {e: s["ppl"] for e, s in scores.items()}
