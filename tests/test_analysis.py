@@ -75,6 +75,20 @@ def two_langs(tmp_path: Path) -> tuple[str, str]:
     return f"python=python:{py}", f"cpp=cpp:{cpp}"
 
 
+def test_run_labels_and_default_out(tmp_path):
+    from codeprune.analysis import default_out, read_runs
+
+    for parent in ("a", "b"):
+        (tmp_path / parent / "wanda50").mkdir(parents=True)
+        (tmp_path / parent / "wanda50" / "report.json").write_text(json.dumps({"method": "wanda"}))
+    runs, _ = read_runs([tmp_path / "a" / "wanda50", tmp_path / "b" / "wanda50"])
+    assert [r.label for r in runs] == ["a/wanda50", "b/wanda50"]
+    assert runs[0].report == {"method": "wanda"}  # reports are never rewritten
+    assert default_out([tmp_path / "a" / "wanda50"], "report") == tmp_path / "a" / "report"
+    with pytest.raises(ConfigError, match="--out"):
+        default_out(["/usr", "/etc"], "report")
+
+
 def test_parse_languages(two_langs):
     langs = parse_languages(",".join(two_langs))
     assert list(langs) == ["python", "cpp"] and langs["cpp"].startswith("cpp:")
@@ -83,6 +97,9 @@ def test_parse_languages(two_langs):
         parse_languages("cobol")
     with pytest.raises(ConfigError, match="twice"):
         parse_languages("python,python=python-stdlib")
+    for bad in ("c/c++=cpp:/x", "compare=cpp:/x", "..=cpp:/x"):
+        with pytest.raises(ConfigError, match="bad language name"):
+            parse_languages(bad)
     with pytest.raises(ConfigError):
         parse_languages(" , ")
 
@@ -121,6 +138,9 @@ def test_sweep_compare_report_on_a_tiny_model(tiny_tokenizer, two_langs, tmp_pat
     assert main(["compare", str(out / "python"), str(out / "cpp"), str(out / "sweep.json")]) == 0
     again = json.loads((out / "compare" / "compare.json").read_text())
     assert again["jaccard"]["model"] == jac["model"]
+    # the sweep folder itself stands for its members
+    whole = compare_runs([out], out=tmp_path / "cmp2")
+    assert [r["label"] for r in whole["runs"]] == ["python", "cpp"]
 
     # report: every run in one table, with plots
     rep = report_runs([out / "python", out / "cpp", out / "compare"], out=tmp_path / "report")

@@ -28,17 +28,30 @@ from .export import write_atomically
 class Run:
     path: Path
     report: dict
+    label: str = ""  # how tables and plots name it: the calibration language or the folder
 
-    @property
-    def label(self) -> str:
-        return self.report.get("calibration_language") or self.path.name
+
+def _expand(paths: list[str | Path]) -> list[Path]:
+    """The paths, with a sweep folder (holding sweep.json) replaced by its member runs."""
+    out = []
+    for p in paths:
+        p = Path(p).expanduser()
+        summary = p / "sweep.json"
+        if p.is_dir() and summary.is_file() and not (p / "report.json").is_file():
+            try:
+                members = json.loads(summary.read_text())["members"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CorruptModelError(f"{summary} is not a codeprune sweep summary: {e}") from e
+            out += [p / m for m in members]
+        else:
+            out.append(p)
+    return out
 
 
 def read_runs(paths: list[str | Path]) -> tuple[list[Run], list[str]]:
     """(runs, notes on skipped paths). Folders without report.json are skipped."""
     runs, skipped = [], []
-    for p in paths:
-        p = Path(p).expanduser()
+    for p in _expand(paths):
         if not p.is_dir():
             if not p.exists():
                 raise ConfigError(f"run folder not found: {p}")
@@ -57,14 +70,17 @@ def read_runs(paths: list[str | Path]) -> tuple[list[Run], list[str]]:
         if report.get("kind") == "sweep":
             skipped.append(f"{p}: a sweep summary (its members are the runs)")
             continue
-        runs.append(Run(p, report))
+        runs.append(Run(p, report, report.get("calibration_language") or p.name))
     if not runs:
         raise ConfigError("no run folders with a report.json among the given paths")
-    labels = [r.label for r in runs]
-    if len(set(labels)) < len(labels):  # two runs of one language: tell them apart by folder
+    for depth in range(2, 9):  # one label twice: prefix parent folders until they differ
+        labels = [r.label for r in runs]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if not dup:
+            break
         for r in runs:
-            if labels.count(r.label) > 1:
-                r.report = {**r.report, "calibration_language": f"{r.label} ({r.path.name})"}
+            if r.label in dup:
+                r.label = "/".join(r.path.resolve().parts[-depth:])
     return runs, skipped
 
 
@@ -78,9 +94,12 @@ def _derived_out(out: str | Path, marker: str, overwrite: bool) -> bool:
 
 
 def default_out(paths: list[str | Path], name: str) -> Path:
-    """``name`` beside the runs: in their common parent folder."""
+    """``name`` beside the runs: in their common parent folder (never the root folder)."""
     parents = [str(Path(p).expanduser().resolve().parent) for p in paths]
-    return Path(os.path.commonpath(parents)) / name
+    common = Path(os.path.commonpath(parents))
+    if common == Path(common.anchor):
+        raise ConfigError(f"the runs share no folder but {common}: give --out")
+    return common / name
 
 
 # -- compare ------------------------------------------------------------------------------------
@@ -267,10 +286,9 @@ def run_row(run: Run) -> dict:
     ppl, ppl_source = _primary_ppl(r)
     he = r.get("humaneval") or {}
     return {
-        "run": run.path.name, "path": str(run.path), "kind": r.get("kind", "prune"),
+        "run": run.label, "path": str(run.path), "kind": r.get("kind", "prune"),
         "model": r.get("model"), "method": r.get("method"), "pattern": r.get("pattern"),
-        "calibration": run.label if r.get("calibration_language")
-        else (r.get("calibration") or {}).get("source"),
+        "calibration": r.get("calibration_language") or (r.get("calibration") or {}).get("source"),
         "sparsity": r.get("sparsity_actual", r.get("sparsity")),
         "params_total": total, "params_nonzero": nonzero, "params_dense": dense,
         "compression": (1 - nonzero / dense) if nonzero and dense else None,

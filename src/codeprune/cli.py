@@ -216,8 +216,9 @@ def cmd_sweep(args) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print((Path(res["compare"]) / "compare.md").read_text())
-    print(f"saved to {res['out']} (comparison in {res['compare']})")
+    if res.get("compare"):
+        print((Path(res["compare"]) / "compare.md").read_text())
+    print(f"saved to {res['out']}" + (f" (comparison in {res['compare']})" if res.get("compare") else ""))
     return 0
 
 

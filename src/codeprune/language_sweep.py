@@ -18,6 +18,8 @@ evaluation language (windows built once and shared). Output:
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +63,9 @@ def parse_languages(text: str | list[str]) -> dict[str, str]:
                 raise ConfigError(f"no {name} corpus found on this machine (found: {have}); "
                                   f"give one as {name}=LANG:DIR")
             spec = found[name]
+        if not re.fullmatch(r"[A-Za-z0-9_+.-]+", name) or name in (".", "..", "compare"):
+            raise ConfigError(f"bad language name '{name}': letters, digits and _+.- only "
+                              "(it names a folder; 'compare' is taken)")
         if name in langs:
             raise ConfigError(f"language '{name}' given twice")
         langs[name] = spec
@@ -164,5 +169,10 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
     if compare:
         from .analysis import compare_runs
 
-        summary["compare"] = compare_runs([path / lang for lang in calib], out=path / "compare")["out"]
+        try:
+            summary["compare"] = compare_runs([path / lang for lang in calib], out=path / "compare")["out"]
+        except Exception as e:  # the sweep itself is saved: say so rather than lose it
+            print(f"codeprune: warning: the sweep is saved in {path}, but comparing its runs failed "
+                  f"({type(e).__name__}: {e}); run `codeprune compare {path}`", file=sys.stderr)
+            summary["compare"] = None
     return summary
