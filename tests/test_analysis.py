@@ -219,3 +219,12 @@ def test_language_sweep_on_smollm2(smollm2, real_cpp, tmp_path, capsys):
     assert main(["report", str(out / "python"), str(out / "cpp"), "--out", str(tmp_path / "rep")]) == 0
     text = capsys.readouterr().out
     assert "| python |" in text and "| cpp |" in text
+
+
+def test_packed_and_boolean_masks_give_the_same_distances(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    a = {f"{i}.{s}": torch.rand(5, 11, generator=g) < 0.5 for i in range(2) for s in ("q_proj", "up_proj")}
+    b = {k: torch.rand(5, 11, generator=g) < 0.4 for k in a}
+    save_masks(tmp_path / "a.safetensors", a)
+    pa = load_masks(tmp_path / "a.safetensors", packed=True)
+    assert jaccard(pa, b) == jaccard(a, b)

@@ -105,14 +105,15 @@ def default_out(paths: list[str | Path], name: str) -> Path:
 # -- compare ------------------------------------------------------------------------------------
 
 def run_masks(run: Run) -> dict | None:
-    from .evaluate.similarity import load_masks, model_masks
+    """The run's masks, kept bit-packed (8x less memory than booleans)."""
+    from .evaluate.similarity import PackedMask, load_masks, model_masks
 
     if (run.path / "masks.safetensors").is_file():
-        return load_masks(run.path / "masks.safetensors")
+        return load_masks(run.path / "masks.safetensors", packed=True)
     if (run.path / "config.json").is_file():
         from .models.sources import load_model
 
-        return model_masks(load_model(str(run.path)))
+        return {k: PackedMask.of(m) for k, m in model_masks(load_model(str(run.path))).items()}
     return None
 
 

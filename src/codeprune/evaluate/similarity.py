@@ -16,6 +16,7 @@ and unions of their members before dividing: a large Linear weighs more.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +46,35 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
     save_file(packed, str(path), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
 
 
-def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class PackedMask:
+    """A mask kept bit-packed (8 weights a byte): what ``compare`` holds in memory."""
+
+    bits: np.ndarray  # uint8, numpy.packbits of the flattened mask (zero padding)
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> PackedMask:
+        return cls(np.packbits(mask.numpy().reshape(-1)), tuple(mask.shape))
+
+
+def load_masks(path: str | Path, *, packed: bool = False) -> dict:
+    """{key: BoolTensor} (or {key: PackedMask} with ``packed``) from a mask file."""
     try:
         with safe_open(str(path), "np") as f:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise CorruptModelError(f"{path} is not a codeprune mask file")
         shapes = json.loads(meta["shapes"])
-        packed = load_file(str(path))
+        packed_bits = load_file(str(path))
     except (OSError, SafetensorError, ValueError, KeyError) as e:
         raise CorruptModelError(f"cannot read masks from {path}: {e}") from e
+    if packed:
+        return {k: PackedMask(packed_bits[k], tuple(shape)) for k, shape in shapes.items()}
     out = {}
     for k, shape in shapes.items():
         n = int(np.prod(shape))
-        out[k] = torch.from_numpy(np.unpackbits(packed[k], count=n).astype(bool).reshape(shape))
+        out[k] = torch.from_numpy(np.unpackbits(packed_bits[k], count=n).astype(bool).reshape(shape))
     return out
 
 
@@ -67,10 +83,15 @@ def _split_key(key: str) -> tuple[int, str]:
     return int(layer), sub
 
 
-def overlap_counts(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
-    """(|A ∩ B|, |A ∪ B|) of two boolean masks of one shape."""
-    if a.shape != b.shape:
+def overlap_counts(a: torch.Tensor | PackedMask, b: torch.Tensor | PackedMask) -> tuple[int, int]:
+    """(|A ∩ B|, |A ∪ B|) of two masks of one shape (boolean tensors or packed bits)."""
+    if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"masks of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if isinstance(a, PackedMask) or isinstance(b, PackedMask):
+        a = a if isinstance(a, PackedMask) else PackedMask.of(a)
+        b = b if isinstance(b, PackedMask) else PackedMask.of(b)
+        return (int(np.bitwise_count(a.bits & b.bits).sum(dtype=np.int64)),
+                int(np.bitwise_count(a.bits | b.bits).sum(dtype=np.int64)))
     return int((a & b).sum()), int((a | b).sum())
 
 
