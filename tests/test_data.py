@@ -396,3 +396,36 @@ def test_heldout_slices_skip_the_file_start(tiny_tokenizer):
     rows = [r.tolist() for r in a.input_ids]
     starts_with_header = sum(any(row[k:k + 8] == head for k in range(len(row) - 8)) for row in rows)
     assert starts_with_header < len(rows)
+
+
+def test_zip_sources_with_prefix(tmp_path):
+    import zipfile
+
+    from codeprune.data.sources import read_source
+
+    z = tmp_path / "src.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        f.writestr("java.base/java/util/List.java", "package java.util;\ninterface List {}\n")
+        f.writestr("java.base/java/util/Map.java", "package java.util;\ninterface Map {}\n")
+        f.writestr("java.desktop/java/awt/Frame.java", "package java.awt;\nclass Frame {}\n")
+        f.writestr("java.base/README.txt", "not java")
+        f.writestr("java.base/.hidden/X.java", "class X {}\n")
+    everything = read_source(f"java:{z}")
+    assert sorted(d.id for d in everything.documents) == [
+        "java.base/java/util/List.java", "java.base/java/util/Map.java", "java.desktop/java/awt/Frame.java"]
+    base = read_source(f"java:{z}/java.base")
+    assert sorted(d.id for d in base.documents) == ["java/util/List.java", "java/util/Map.java"]
+    (tmp_path / "bad.zip").write_bytes(b"PK but not a zip")
+    with pytest.raises(CorpusError, match="zip"):
+        read_source(f"java:{tmp_path / 'bad.zip'}")
+
+
+def test_code_corpora_are_readable():
+    from codeprune.data.sources import code_corpora, read_source
+
+    found = code_corpora()
+    assert found["python"] == "python-stdlib"
+    for lang, spec in found.items():
+        assert spec == "python-stdlib" or spec.startswith(f"{lang}:")
+    if "javascript" in found:  # present on the dev/CI machines: npm's bundled packages
+        assert len(read_source(found["javascript"])) > 50
