@@ -73,6 +73,10 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {k} | {len(v)} | {sum(v) / len(v):.4f} |" for k, v in by_kind.items()]
     if r.get("efficiency"):
         lines += _efficiency_lines(r["efficiency"])
+    energy = r.get("energy_prune")
+    if energy:
+        lines += ["", f"Energy of the pruning step (estimate, {energy['tool']}): {energy['kwh']:.3g} kWh, "
+                  f"{energy['co2_kg']:.3g} kg CO2-eq."]
     for note in r.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
