@@ -16,6 +16,7 @@ and unions of their members before dividing: a large Linear weighs more.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
     packed = {k: np.packbits(m.numpy().reshape(-1)) for k, m in masks.items()}
     shapes = {k: list(m.shape) for k, m in masks.items()}
     save_file(packed, str(path), metadata={"format": FORMAT, "shapes": json.dumps(shapes)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; a mask is as shareable as a report
 
 
 @dataclass(frozen=True)
