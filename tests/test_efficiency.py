@@ -60,7 +60,7 @@ def test_pass_at_k_hand_computed():
 
 
 def test_energy_estimate_through_codecarbon(monkeypatch):
-    pytest.importorskip("codecarbon")
+    pytest.importorskip("codecarbon")  # the optional extra `energy` (make install installs it)
     from codeprune.evaluate.efficiency import energy_tracker
 
     monkeypatch.setenv("CODEPRUNE_ENERGY", "1")

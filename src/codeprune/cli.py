@@ -222,24 +222,26 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    from .analysis import compare_runs, default_out, render_compare
+def _many_runs(args, name: str) -> int:
+    """``compare`` and ``report``: a view over run folders, written beside them by default."""
+    from . import analysis
 
-    res = compare_runs(args.runs, out=args.out or default_out(args.runs, "compare"), overwrite=args.overwrite)
-    print(json.dumps(res, indent=2) if args.json else render_compare(res), end="\n" if args.json else "")
-    if not args.json:
-        print(f"\nsaved to {res['out']}")
+    build, render = {"compare": (analysis.compare_runs, analysis.render_compare),
+                     "report": (analysis.report_runs, analysis.render_runs)}[name]
+    res = build(args.runs, out=args.out or analysis.default_out(args.runs, name), overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(render(res) + f"\nsaved to {res['out']}")
     return 0
+
+
+def cmd_compare(args) -> int:
+    return _many_runs(args, "compare")
 
 
 def cmd_report(args) -> int:
-    from .analysis import default_out, render_runs, report_runs
-
-    res = report_runs(args.runs, out=args.out or default_out(args.runs, "report"), overwrite=args.overwrite)
-    print(json.dumps(res, indent=2) if args.json else render_runs(res), end="\n" if args.json else "")
-    if not args.json:
-        print(f"\nsaved to {res['out']}")
-    return 0
+    return _many_runs(args, "report")
 
 
 def main(argv: list[str] | None = None) -> int:

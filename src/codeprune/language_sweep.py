@@ -32,7 +32,7 @@ from .engine import place_model, resolve_device
 from .errors import ConfigError
 from .evaluate import perplexity, protocol
 from .evaluate.efficiency import disk_bytes, efficiency_report
-from .evaluate.similarity import model_masks, save_masks
+from .evaluate.similarity import decoder_linears, model_masks, save_masks
 from .export import check_output, write_atomically
 from .methods import make_pruner
 from .methods.base import prune_model_
@@ -72,11 +72,6 @@ def parse_languages(text: str | list[str]) -> dict[str, str]:
     return langs
 
 
-def _decoder_linears(lm: LoadedModel) -> dict[str, torch.nn.Linear]:
-    return {f"{i}.{name}": lin for i, layer in enumerate(lm.adapter.layers())
-            for name, lin in lm.adapter.linears(layer).items()}
-
-
 def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, sparsity: float = 0.5,
           pattern: str = "unstructured", calib_langs: str | list[str] = DEFAULT_LANGS,
           eval_langs: str | list[str] | None = None, samples: int = 64, seq_len: int = 512, seed: int = 0,
@@ -105,7 +100,7 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
             for lang, spec in evals.items()}
     calib_sets = {lang: calibration_windows(tok, corpora[spec], samples=samples, seq_len=seq_len, seed=seed)
                   for lang, spec in calib.items()}
-    linears = _decoder_linears(lm)
+    linears = decoder_linears(lm)
     dense_weights = {k: lin.weight.detach().to("cpu", copy=True) for k, lin in linears.items()}
     params_dense = count_parameters(lm.model)[0]
 

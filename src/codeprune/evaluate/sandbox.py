@@ -170,11 +170,10 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int =
             os.killpg(runner.pid, 9)
             runner.communicate()
             return SandboxResult("timeout", "the sandbox runner did not answer")
-        done = subprocess.CompletedProcess(runner.args, runner.returncode, stdout, stderr)
         try:
-            res = json.loads(done.stdout)
+            res = json.loads(stdout)
         except ValueError:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             return SandboxResult("error", f"sandbox runner failed: {tail[0][:300]}")
         return SandboxResult(res["status"], res.get("detail", ""), res.get("seconds", 0.0),
                              res.get("returncode"), res.get("network"), res.get("stdout", ""),

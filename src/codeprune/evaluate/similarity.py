@@ -31,13 +31,15 @@ from ..models.adapters import SUBLAYERS
 FORMAT = "codeprune-masks-v1"
 
 
+def decoder_linears(lm) -> dict[str, torch.nn.Linear]:
+    """{"layer.sublayer": Linear} for every decoder-layer Linear of ``lm`` (the mask keys)."""
+    return {f"{i}.{name}": lin for i, layer in enumerate(lm.adapter.layers())
+            for name, lin in lm.adapter.linears(layer).items()}
+
+
 def model_masks(lm) -> dict[str, torch.Tensor]:
     """{"layer.sublayer": weight == 0} for every decoder-layer Linear of ``lm``."""
-    masks = {}
-    for i, layer in enumerate(lm.adapter.layers()):
-        for name, lin in lm.adapter.linears(layer).items():
-            masks[f"{i}.{name}"] = (lin.weight.detach() == 0).cpu()
-    return masks
+    return {k: (lin.weight.detach() == 0).cpu() for k, lin in decoder_linears(lm).items()}
 
 
 def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
