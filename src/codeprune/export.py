@@ -2,7 +2,11 @@
 
 Unstructured / N:M results keep every shape, so the folder is a standard
 checkpoint (safetensors, config, tokenizer, generation config) that plain
-``AutoModelForCausalLM.from_pretrained`` loads and vLLM serves. Everything is
+``AutoModelForCausalLM.from_pretrained`` loads and vLLM serves. So are uniform
+structured results. Structured results whose layers differ (``per_layer_config``)
+or that carry biases the architecture has no flag for also get
+``modeling_codeprune.py`` (models/pruned_modeling.py) beside the weights, for
+``from_pretrained(path, trust_remote_code=True)``. Everything is
 written into a hidden temporary folder beside the target and renamed into
 place at the end: an interrupted run leaves nothing half-written.
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from .errors import OutputExistsError
 from .models.sources import LoadedModel
+from .structure import MODELING_FILE, needs_modeling_file
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -64,6 +69,10 @@ def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False
             del config.quantization_config
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        if needs_modeling_file(config):
+            from .models import pruned_modeling
+
+            shutil.copyfile(pruned_modeling.__file__, tmp / MODELING_FILE)
         if report is not None:
             if report.get("efficiency") is not None:
                 from .evaluate.efficiency import disk_bytes

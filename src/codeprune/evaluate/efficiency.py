@@ -33,13 +33,13 @@ def macs_per_token(lm: LoadedModel, context: int, *, nonzero: bool = False) -> i
 
     Linear layers (decoder Linears and lm_head) count in*out each (or their
     non-zero weights with ``nonzero``); attention adds QK^T and AV: 2 * heads *
-    head_dim * context per layer. Norms, activations and rotary are ignored."""
+    head_dim * context per layer (the layer's own head count, after structured pruning). Norms, activations and rotary are ignored."""
     a = lm.adapter
     count = (lambda W: int(torch.count_nonzero(W).item())) if nonzero else (lambda W: W.numel())
     macs = count(a.lm_head().weight)
     for layer in a.layers():
         macs += sum(count(lin.weight) for lin in a.linears(layer).values())
-        macs += 2 * a.num_heads * a.head_dim * context
+        macs += 2 * a.layer_sizes(layer)["heads"] * a.head_dim * context
     return macs
 
 

@@ -120,11 +120,33 @@ class DecoderAdapter:
     def tied_embeddings(self) -> bool:
         return self.lm_head().weight is self.embed_tokens().weight
 
+    # -- per-layer sizes (structured pruning makes layers differ) -------------
+    def layer_sizes(self, layer: nn.Module) -> dict[str, int]:
+        """{"heads", "kv_heads", "intermediate"} of one layer, read from its weights
+        (the config's global values no longer describe a structurally pruned layer)."""
+        lin = self.linears(layer)
+        return {"heads": lin["q_proj"].out_features // self.head_dim,
+                "kv_heads": lin["k_proj"].out_features // self.head_dim,
+                "intermediate": lin["gate_proj"].out_features}
+
+    # -- bias slots ----------------------------------------------------------
+    # Config flags that give sublayers a bias in the vanilla architecture:
+    # {flag: sublayers it switches on}. Structured pruning's bias compensation uses
+    # them so a compensated model still loads as the plain architecture; a bias the
+    # family has no flag for needs the modeling file written beside the weights.
+    bias_flags: dict[str, tuple[str, ...]] = {}
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The module whose forward holds ``num_key_value_groups`` (updated by surgery)."""
+        return layer.self_attn
+
 
 class LlamaAdapter(DecoderAdapter):
     """Llama 2/3, CodeLlama, SmolLM2, DeepSeek-Coder."""
 
     model_types = ("llama",)
+    bias_flags = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
 
 
 class Qwen2Adapter(DecoderAdapter):
@@ -141,6 +163,7 @@ class Qwen3Adapter(DecoderAdapter):
     """Qwen3 (per-head q_norm/k_norm inside attention; same Linear layout)."""
 
     model_types = ("qwen3",)
+    bias_flags = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
 ADAPTERS: dict[str, type[DecoderAdapter]] = {

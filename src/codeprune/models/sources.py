@@ -354,8 +354,13 @@ def _from_pretrained(where: str, kind: str, name: str, dtype: torch.dtype):
             f"a folder or a .gguf file, and the hub could not provide it ({_first_line(e)})"
         ) from e
     check_supported(config)  # fail before reading gigabytes of weights
+    loader = AutoModelForCausalLM
+    if getattr(config, "is_heterogeneous", False) or getattr(config, "codeprune_extra_bias", None):
+        from .pruned_modeling import model_class  # a structurally pruned checkpoint (per-layer sizes)
+
+        loader = model_class(config.model_type)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        model = loader.from_pretrained(where, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as e:
         raise CorruptModelError(f"cannot load model '{name}': {_first_line(e)}") from e

@@ -1,0 +1,320 @@
+"""What every structured method shares: units, structure search, budget, compensation.
+
+A structured method scores the *input channels* of the two output projections:
+o_proj (a head's head_dim channels) and down_proj (one FFN channel each). It
+implements one function, ``channel_scores(module, linears, stats)``; this module
+turns the scores into a ``structure.StructurePlan``:
+
+- Units. FFN: one channel (row of gate/up, column of down). Attention, under
+  grouped-query attention (``head_unit``):
+  ``query`` - one query head from every KV group at once (the r-th weakest of
+  each group), so every group keeps the same count; KV heads stay. The default
+  when a KV head serves several query heads.
+  ``group`` - a KV head with all its query heads (q/k/v rows, o columns); the
+  default (and the only choice) for multi-head attention.
+- Scores. A head's score is the mean of its channel scores (optionally squared,
+  as FLAP's public code does: ``attn_square``); with the adaptive structure the
+  head and channel scores are standardised within each layer and module,
+  z = (s - mean) / std, and a unit scores the mean z of its heads.
+- Structure. ``uniform`` (UL-UM): every layer loses the same share of heads and
+  channels. ``adaptive`` (AL-AM): all units of the model are pooled and the
+  lowest-scoring removed until the budget is met; each layer keeps its best
+  attention unit and its best channel (see structure.py, "Empty layers").
+- Budget. ``ratio`` is the fraction of decoder-layer parameters removed (norms
+  and biases included; embeddings and lm_head never change); unit weights come
+  from the real shapes. Added compensation biases are counted, and one
+  correction pass brings the achieved ratio within a unit of the target.
+- Compensation. For each layer, the removed inputs' mean contribution is added
+  to the output projection's bias: b = W[:, removed] @ mean(X[:, removed]).
+
+Uniform plans prune each layer as soon as it is scored (the next layer is
+calibrated on the pruned one, as Wanda does); adaptive plans score every layer
+on the dense model first, then cut.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..stats import ChannelStats
+from ..structure import LayerPlan, StructurePlan, apply_layer_, apply_plan_, decoder_param_count
+
+STRUCTURES = ("uniform", "adaptive")
+HEAD_UNITS = ("auto", "query", "group")
+
+
+@dataclass
+class StructuredConfig:
+    """Options shared by the structured methods."""
+
+    ratio: float = 0.2  # fraction of decoder-layer parameters removed
+    structure: str = "uniform"  # uniform (UL-UM) or adaptive (AL-AM)
+    compensation: bool = False  # add the removed inputs' mean contribution as a bias
+    head_unit: str = "auto"  # query, group, or auto (query under GQA, group otherwise)
+    attn_square: bool = False  # square the head score (FLAP's public code)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"unknown structure '{self.structure}': choose {' or '.join(STRUCTURES)}")
+        if self.head_unit not in HEAD_UNITS:
+            raise ConfigError(f"unknown head unit '{self.head_unit}': choose {', '.join(HEAD_UNITS)}")
+
+
+class StructuredPruner(ABC):
+    """Base class of a structured method: scores the inputs of o_proj and down_proj."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[StructuredConfig]] = StructuredConfig
+    needs_calibration: ClassVar[bool] = True
+    structured: ClassVar[bool] = True
+
+    def __init__(self, config: StructuredConfig):
+        self.config = config
+
+    @abstractmethod
+    def channel_scores(self, module: str, linears: dict[str, nn.Linear],
+                       stats: ChannelStats | None) -> torch.Tensor:
+        """Scores (higher = keep) of the input channels of o_proj (``module="attention"``) or
+        down_proj (``"mlp"``); ``stats``: that projection's input statistics (mean/var/l2),
+        None when the method needs no calibration."""
+
+
+# -- units ----------------------------------------------------------------------
+
+@dataclass
+class LayerScores:
+    """One layer's scores and what compensation needs."""
+
+    head: torch.Tensor  # (heads,)
+    channel: torch.Tensor  # (intermediate,)
+    o_mean: torch.Tensor | None  # (heads * head_dim,) mean input of o_proj
+    down_mean: torch.Tensor | None  # (intermediate,)
+    n_kv: int
+    n_rep: int
+
+
+def _z(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    return (x - x.mean()) / (std if std > 0 else 1.0)
+
+
+def head_unit_kind(cfg: StructuredConfig, n_rep: int) -> str:
+    if cfg.head_unit == "auto":
+        return "query" if n_rep > 1 else "group"
+    if cfg.head_unit == "query" and n_rep == 1:
+        raise ConfigError("head unit 'query' needs grouped-query attention (several query heads per KV "
+                          "head); this model has one query head per KV head: use 'group'")
+    return cfg.head_unit
+
+
+def attention_units(head_score: torch.Tensor, n_kv: int, n_rep: int, kind: str):
+    """[(score, query heads, kv heads)] ascending by score (the first ones go first)."""
+    per_group = head_score.view(n_kv, n_rep)
+    units = []
+    if kind == "query":
+        order = per_group.argsort(dim=1, stable=True)  # weakest first in each group
+        for r in range(n_rep):
+            heads = [g * n_rep + int(order[g, r]) for g in range(n_kv)]
+            units.append((float(head_score[heads].mean()), heads, [], r))
+    else:
+        for g in range(n_kv):
+            units.append((float(per_group[g].mean()), list(range(g * n_rep, (g + 1) * n_rep)), [g], 0))
+    units.sort(key=lambda u: (u[0], u[3]))
+    return [u[:3] for u in units]
+
+
+def unit_weights(linears: dict[str, nn.Linear], head_dim: int, n_kv: int, n_rep: int,
+                 kind: str) -> tuple[int, int]:
+    """(parameters of one attention unit, of one FFN channel), from the real shapes."""
+    hidden = linears["o_proj"].out_features
+    bias = {n: int(lin.bias is not None) for n, lin in linears.items()}
+    q_head = head_dim * (hidden + bias["q_proj"]) + hidden * head_dim
+    kv_head = head_dim * (hidden + bias["k_proj"]) + head_dim * (hidden + bias["v_proj"])
+    attn = n_kv * q_head if kind == "query" else n_rep * q_head + kv_head
+    channel = (hidden + bias["gate_proj"]) + (hidden + bias["up_proj"]) + hidden
+    return attn, channel
+
+
+@torch.no_grad()
+def layer_plan(scores: LayerScores, linears: dict[str, nn.Linear], head_dim: int, kind: str,
+               n_units: int, n_channels: int, compensation: bool) -> LayerPlan:
+    """Remove the ``n_units`` weakest attention units and ``n_channels`` weakest channels."""
+    units = attention_units(scores.head, scores.n_kv, scores.n_rep, kind)
+    gone_q = {h for _, q, _ in units[:n_units] for h in q}
+    gone_kv = {g for _, _, kv in units[:n_units] for g in kv}
+    n_heads, n_ff = scores.head.numel(), scores.channel.numel()
+    ch_order = scores.channel.argsort(stable=True)
+    gone_ch = sorted(int(c) for c in ch_order[:n_channels])
+    lp = LayerPlan(kv_heads=[g for g in range(scores.n_kv) if g not in gone_kv],
+                   q_heads=[h for h in range(n_heads) if h not in gone_q],
+                   channels=sorted(set(range(n_ff)) - set(gone_ch)))
+    if compensation:
+        if scores.o_mean is None or scores.down_mean is None:
+            raise ConfigError("bias compensation needs calibration statistics")
+        o_cols = [h * head_dim + d for h in sorted(gone_q) for d in range(head_dim)]
+        lp.o_bias = _contribution(linears["o_proj"].weight, scores.o_mean, o_cols)
+        lp.down_bias = _contribution(linears["down_proj"].weight, scores.down_mean, gone_ch)
+    return lp
+
+
+def _contribution(W: torch.Tensor, mean: torch.Tensor, cols: list[int]) -> torch.Tensor:
+    """W[:, cols] @ mean[cols] (float64), zeros when nothing is removed."""
+    if not cols:
+        return torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    idx = torch.tensor(cols, dtype=torch.long, device=W.device)
+    return W.index_select(1, idx).double() @ mean.to(W.device).double()[idx]
+
+
+# -- structure search ---------------------------------------------------------------
+
+def _dummy_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool) -> StructurePlan:
+    """A plan with the given removal counts (which units does not matter for the count)."""
+    a = lm.adapter
+    plan = StructurePlan.dense(a)
+    for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
+        s = a.layer_sizes(layer)
+        n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
+        zeros = LayerScores(torch.zeros(s["heads"]), torch.zeros(s["intermediate"]),
+                            torch.zeros(s["heads"] * a.head_dim), torch.zeros(s["intermediate"]), n_kv, n_rep)
+        plan.layers[i] = layer_plan(zeros, a.linears(layer), a.head_dim, kind, n_u, n_c, compensation)
+    return plan
+
+
+def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]]:
+    """(attention units, channels) removed per layer so that every layer loses ``ratio`` of
+    its parameters (heads by the same share, FFN channels making up the rest)."""
+    a = lm.adapter
+    counts = []
+    for layer in a.layers():
+        s = a.layer_sizes(layer)
+        n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
+        n_units = n_rep if kind == "query" else n_kv
+        w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, n_kv, n_rep, kind)
+        target = cfg.ratio * sum(p.numel() for p in layer.parameters())
+        n_u = min(max(round(cfg.ratio * n_units), 0), n_units - 1)
+        n_c = min(max(round((target - n_u * w_unit) / w_ch), 0), s["intermediate"] - 1)
+        counts.append((n_u, n_c))
+    return _correct(lm, counts, cfg, kind)
+
+
+def _correct(lm, counts, cfg, kind) -> list[tuple[int, int]]:
+    """Spread the parameters the compensation biases add over the layers' channel counts."""
+    a = lm.adapter
+    decoder = decoder_param_count(a)
+    planned = _dummy_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
+    excess = planned - round((1 - cfg.ratio) * decoder)  # > 0: remove a little more
+    out = []
+    for (n_u, n_c), layer in zip(counts, a.layers(), strict=True):
+        s = a.layer_sizes(layer)
+        w_ch = unit_weights(a.linears(layer), a.head_dim, s["kv_heads"], s["heads"] // s["kv_heads"], kind)[1]
+        extra = round(excess / len(counts) / w_ch)
+        out.append((n_u, min(max(n_c + extra, 0), s["intermediate"] - 1)))
+    return out
+
+
+def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: str,
+                    budget_shift: int = 0) -> list[tuple[int, int]]:
+    """AL-AM: pool the standardised unit scores of every layer and remove the weakest until
+    ``ratio`` of the decoder parameters (plus ``budget_shift``) is gone."""
+    a = lm.adapter
+    pool = []  # (score, weight, layer, "attn" | "mlp")
+    for i, (layer, sc) in enumerate(zip(a.layers(), scores, strict=True)):
+        w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, sc.n_kv, sc.n_rep, kind)
+        units = attention_units(_z(sc.head), sc.n_kv, sc.n_rep, kind)
+        pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
+        z = _z(sc.channel).sort().values
+        pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
+    pool.sort(key=lambda p: p[0])
+    target = cfg.ratio * decoder_param_count(a) + budget_shift
+    removed, counts = 0, [[0, 0] for _ in scores]
+    for score, w, i, kind_ in pool:
+        if removed + w > target:
+            if kind_ == "attn":
+                continue  # a large unit that would overshoot: a channel may still fit
+            break
+        removed += w
+        counts[i][0 if kind_ == "attn" else 1] += 1
+    return [tuple(c) for c in counts]
+
+
+# -- the driver --------------------------------------------------------------------
+
+def _layer_scores(pruner: StructuredPruner, adapter, layer, linears, stats) -> LayerScores:
+    s = adapter.layer_sizes(layer)
+    o_stats, d_stats = stats.get("o_proj"), stats.get("down_proj")
+    att = pruner.channel_scores("attention", linears, o_stats if pruner.needs_calibration else None)
+    head = att.float().view(s["heads"], adapter.head_dim).mean(1)
+    if pruner.config.attn_square:
+        head = head.square()
+    channel = pruner.channel_scores("mlp", linears, d_stats if pruner.needs_calibration else None).float()
+    return LayerScores(head.cpu(), channel.cpu(),
+                       o_stats.mean if o_stats is not None else None,
+                       d_stats.mean if d_stats is not None else None,
+                       s["kv_heads"], s["heads"] // s["kv_heads"])
+
+
+def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | None, *, device="cpu",
+                      offload: bool = False, batch_size: int = 8) -> StructurePlan:
+    """Score, choose a structure, cut ``lm`` in place; returns the plan applied."""
+    from ..engine import calibrate_layers
+
+    cfg, a = pruner.config, lm.adapter
+    first = a.layer_sizes(a.layers()[0])
+    kind = head_unit_kind(cfg, first["heads"] // first["kv_heads"])
+    plan = StructurePlan.dense(a)
+    done: set[int] = set()
+    scores: list[LayerScores | None] = [None] * a.num_layers
+    counts = uniform_counts(lm, cfg, kind) if cfg.structure == "uniform" else None
+    gain = _dummy_plan(lm, counts, kind, cfg.compensation).new_biases(a)[1] if counts else set()
+
+    def make_stats(name, linear):
+        return ChannelStats(moments=True) if name in ("o_proj", "down_proj") else None
+
+    def on_layer(i, layer, linears, stats):
+        sc = _layer_scores(pruner, a, layer, linears, stats)
+        if counts is None:
+            scores[i] = sc
+            return
+        plan.layers[i] = layer_plan(sc, linears, a.head_dim, kind, *counts[i], cfg.compensation)
+        apply_layer_(a, layer, plan.layers[i], gain)
+        done.add(i)
+
+    if pruner.needs_calibration or cfg.compensation:
+        if input_ids is None:
+            raise ConfigError(f"method '{pruner.name}' needs calibration data")
+        calibrate_layers(lm, input_ids, make_stats=make_stats, on_layer=on_layer, device=device,
+                         offload=offload, batch_size=batch_size, desc=pruner.name)
+    else:
+        for i, layer in enumerate(a.layers()):
+            on_layer(i, layer, a.linears(layer), {})
+    if counts is None:
+        counts = adaptive_counts(lm, scores, cfg, kind)
+        plan = _build(lm, scores, counts, kind, cfg)
+        desired = round((1 - cfg.ratio) * decoder_param_count(a))
+        excess = plan.param_count(lm)["decoder"] - desired
+        if excess > 0:  # the compensation biases: remove that much more
+            counts = adaptive_counts(lm, scores, cfg, kind, budget_shift=excess)
+            plan = _build(lm, scores, counts, kind, cfg)
+    plan.notes.append(f"head unit: {kind}")
+    apply_plan_(lm, plan, layers_done=done)
+    return plan
+
+
+def _build(lm, scores, counts, kind, cfg) -> StructurePlan:
+    a = lm.adapter
+    plan = StructurePlan.dense(a)
+    plan.layers = [layer_plan(sc, a.linears(layer), a.head_dim, kind, n_u, n_c, cfg.compensation)
+                   for sc, layer, (n_u, n_c) in zip(scores, a.layers(), counts, strict=True)]
+    return plan
+

@@ -1,0 +1,332 @@
+"""The structure plan and surgery: the one place that changes shapes and the config.
+
+A structured method (FLAP, Wanda-sp, ...) produces a ``StructurePlan``: for every
+decoder layer, the attention heads and FFN channels it keeps and the compensation
+biases it adds. The plan knows the parameter count it leads to before any weight
+is touched; ``apply_plan_`` then slices the weights and updates the config.
+
+    plan = StructurePlan.dense(lm.adapter)          # keeps everything
+    plan.layers[3] = LayerPlan(kv_heads=[0, 1], q_heads=[0, 2, 3, 5], channels=[...])
+    plan.param_count(lm)                             # {"total": ..., "decoder": ...}
+    apply_plan_(lm, plan)                            # slice, add biases, update config
+
+Grouped-query attention: query head h reads KV head h // n_rep. A plan keeps a
+list of KV heads and, for every kept KV head, the same number of its own query
+heads; surgery orders the kept query heads group by group, so the model's
+mapping holds again with n_rep' = len(q_heads) / len(kv_heads) and
+num_attention_heads stays divisible by num_key_value_heads.
+
+Empty layers: a plan keeps at least one query head (with its KV head) and one
+FFN channel in every layer; ``validate`` refuses anything else. A layer with no
+attention or no MLP would need a different layer class, which neither vLLM nor
+plain transformers provides; the cost of the one unit kept is a fraction of a
+percent of the layer.
+
+Config after surgery (see docs/structured.md):
+- every layer the same size -> the vanilla fields (num_attention_heads,
+  num_key_value_heads, intermediate_size, head_dim) of the same ``model_type``;
+- layers that differ -> ``per_layer_config`` (transformers' heterogeneous-config
+  convention) plus ``auto_map`` to ``modeling_codeprune.py``, which
+  ``export.save_checkpoint`` writes beside the weights;
+- compensation biases use the family's own bias flags where it has them
+  (Llama: attention_bias / mlp_bias, the other projections get zero biases) so
+  the checkpoint stays plain; otherwise ``codeprune_extra_bias`` lists the
+  sublayers the modeling file gives a bias.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .models.adapters import DecoderAdapter
+
+# transformers warns on every global read of a per-layer attribute; codeprune reads
+# sizes from the modules (adapter.layer_sizes) and knows the global value is the dense one.
+logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").setLevel(logging.ERROR)
+
+MODELING_FILE = "modeling_codeprune.py"
+EXTRA_BIAS_KEY = "codeprune_extra_bias"
+PER_LAYER_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+@dataclass
+class LayerPlan:
+    """What one decoder layer keeps (original indices)."""
+
+    kv_heads: list[int]  # kept KV heads, ascending
+    q_heads: list[int]  # kept query heads, grouped by KV head (surgery sorts them)
+    channels: list[int]  # kept FFN channels, ascending
+    o_bias: torch.Tensor | None = None  # (hidden,) added to o_proj's output (compensation)
+    down_bias: torch.Tensor | None = None  # (hidden,) added to down_proj's output
+
+
+@dataclass
+class StructurePlan:
+    """Per-layer kept structure of a whole model; ``n_rep`` = query heads per KV head of the
+    model the plan was made for."""
+
+    layers: list[LayerPlan]
+    head_dim: int
+    n_rep: int
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def dense(cls, adapter: DecoderAdapter) -> StructurePlan:
+        """The plan that keeps every head and channel of ``adapter``'s model."""
+        layers = []
+        for layer in adapter.layers():
+            s = adapter.layer_sizes(layer)
+            layers.append(LayerPlan(list(range(s["kv_heads"])), list(range(s["heads"])),
+                                    list(range(s["intermediate"]))))
+        first = adapter.layer_sizes(adapter.layers()[0])
+        return cls(layers, adapter.head_dim, first["heads"] // first["kv_heads"])
+
+    # -- what the plan leads to -------------------------------------------------
+    @property
+    def heads_per_layer(self) -> list[int]:
+        return [len(lp.q_heads) for lp in self.layers]
+
+    @property
+    def kv_heads_per_layer(self) -> list[int]:
+        return [len(lp.kv_heads) for lp in self.layers]
+
+    @property
+    def ffn_per_layer(self) -> list[int]:
+        return [len(lp.channels) for lp in self.layers]
+
+    @property
+    def is_uniform(self) -> bool:
+        sizes = set(zip(self.heads_per_layer, self.kv_heads_per_layer, self.ffn_per_layer, strict=True))
+        return len(sizes) == 1
+
+    def new_biases(self, adapter: DecoderAdapter) -> tuple[dict[str, bool], set[str], list[str]]:
+        """How the compensation biases will be stored: ({config flag: True} to set,
+        sublayers that gain a (possibly zero) bias in every layer, sublayers needing
+        the modeling file's extra bias)."""
+        needed = []
+        if any(lp.o_bias is not None for lp in self.layers):
+            needed.append("o_proj")
+        if any(lp.down_bias is not None for lp in self.layers):
+            needed.append("down_proj")
+        flags, gain, extra = {}, set(), []
+        for name in needed:
+            flag = next((f for f, members in adapter.bias_flags.items() if name in members), None)
+            if flag is not None:
+                flags[flag] = True
+                gain.update(adapter.bias_flags[flag])
+            else:
+                gain.add(name)
+                extra.append(name)
+        return flags, gain, extra
+
+    def validate(self, adapter: DecoderAdapter, skip: set[int] = frozenset()) -> None:
+        """Raise ConfigError unless the plan gives a valid model (GQA rules, one unit kept per
+        layer); layers in ``skip`` are already sliced and not checked again."""
+        if len(self.layers) != adapter.num_layers:
+            raise ConfigError(f"plan has {len(self.layers)} layers, the model {adapter.num_layers}")
+        for i, (layer, lp) in enumerate(zip(adapter.layers(), self.layers, strict=True)):
+            if i in skip:
+                continue
+            s = adapter.layer_sizes(layer)
+            n_rep = s["heads"] // s["kv_heads"]
+            if not lp.q_heads or not lp.channels:
+                raise ConfigError(f"layer {i}: a plan keeps at least one head and one FFN channel")
+            if len(set(lp.q_heads)) != len(lp.q_heads) or not set(lp.q_heads) <= set(range(s["heads"])):
+                raise ConfigError(f"layer {i}: bad query head indices {lp.q_heads}")
+            if len(set(lp.kv_heads)) != len(lp.kv_heads) or not set(lp.kv_heads) <= set(range(s["kv_heads"])):
+                raise ConfigError(f"layer {i}: bad KV head indices {lp.kv_heads}")
+            if not set(lp.channels) <= set(range(s["intermediate"])) or len(set(lp.channels)) != len(lp.channels):
+                raise ConfigError(f"layer {i}: bad FFN channel indices")
+            per_group = {g: 0 for g in lp.kv_heads}
+            for h in lp.q_heads:
+                if h // n_rep not in per_group:
+                    raise ConfigError(f"layer {i}: query head {h} kept without its KV head {h // n_rep}")
+                per_group[h // n_rep] += 1
+            if len(set(per_group.values())) != 1:
+                raise ConfigError(f"layer {i}: every KV group must keep the same number of query "
+                                  f"heads (GQA), got {sorted(per_group.values())}")
+
+    def param_count(self, lm) -> dict[str, int]:
+        """{"total", "decoder"}: the parameters the model will have after ``apply_plan_``
+        (tied embeddings once), computed from shapes only."""
+        from .report import count_parameters
+
+        a = lm.adapter
+        total_now = count_parameters(lm.model)[0]
+        _, gain, _ = self.new_biases(a)
+        hidden, hd = a.hidden_size, self.head_dim
+        decoder_now = decoder = 0
+        for layer, lp in zip(a.layers(), self.layers, strict=True):
+            lin = a.linears(layer)
+            layer_params = sum(p.numel() for p in layer.parameters())
+            decoder_now += layer_params
+            decoder += layer_params - sum(p.numel() for m in lin.values() for p in m.parameters())
+            nq, nkv, c = len(lp.q_heads) * hd, len(lp.kv_heads) * hd, len(lp.channels)
+            shapes = {"q_proj": (nq, hidden), "k_proj": (nkv, hidden), "v_proj": (nkv, hidden),
+                      "o_proj": (hidden, nq), "gate_proj": (c, hidden), "up_proj": (c, hidden),
+                      "down_proj": (hidden, c)}
+            for name, (rows, cols) in shapes.items():
+                has_bias = lin[name].bias is not None or name in gain
+                decoder += rows * cols + (rows if has_bias else 0)
+        return {"total": total_now - decoder_now + decoder, "decoder": decoder}
+
+    def describe(self) -> dict:
+        return {"heads_per_layer": self.heads_per_layer, "kv_heads_per_layer": self.kv_heads_per_layer,
+                "ffn_per_layer": self.ffn_per_layer, "uniform": self.is_uniform}
+
+
+def decoder_param_count(adapter: DecoderAdapter) -> int:
+    """Parameters inside the decoder layers (attention, MLP, norms)."""
+    return sum(p.numel() for layer in adapter.layers() for p in layer.parameters())
+
+
+# -- surgery -------------------------------------------------------------------
+
+def _rows(units: list[int], size: int) -> torch.Tensor:
+    """Row indices of ``units`` blocks of ``size`` rows each."""
+    if not units:
+        return torch.zeros(0, dtype=torch.long)
+    base = torch.tensor(units, dtype=torch.long).unsqueeze(1) * size
+    return (base + torch.arange(size)).reshape(-1)
+
+
+@torch.no_grad()
+def _keep_outputs_(linear: nn.Linear, idx: torch.Tensor) -> None:
+    idx = idx.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(0, idx).clone(),
+                                 requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.index_select(0, idx).clone(),
+                                   requires_grad=linear.bias.requires_grad)
+    linear.out_features = len(idx)
+
+
+@torch.no_grad()
+def _keep_inputs_(linear: nn.Linear, idx: torch.Tensor) -> None:
+    idx = idx.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.index_select(1, idx).clone(),
+                                 requires_grad=linear.weight.requires_grad)
+    linear.in_features = len(idx)
+
+
+@torch.no_grad()
+def _add_bias_(linear: nn.Linear, value: torch.Tensor | None) -> None:
+    """Give ``linear`` a bias if it has none (zeros), then add ``value`` to it."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device))
+    if value is not None:
+        linear.bias.add_(value.to(linear.bias.device, linear.bias.dtype))
+
+
+def ordered_q_heads(lp: LayerPlan, n_rep: int) -> list[int]:
+    """Kept query heads sorted group by group (the order surgery lays them out in)."""
+    return sorted(lp.q_heads, key=lambda h: (lp.kv_heads.index(h // n_rep), h))
+
+
+@torch.no_grad()
+def apply_layer_(adapter: DecoderAdapter, layer: nn.Module, lp: LayerPlan, gain: set[str] = frozenset()) -> None:
+    """Slice one layer to ``lp`` (q/k/v rows, o columns, gate/up rows, down columns) and add
+    its compensation biases; ``gain``: sublayers that get a bias (zeros unless compensated)."""
+    s = adapter.layer_sizes(layer)
+    n_rep, hd = s["heads"] // s["kv_heads"], adapter.head_dim
+    lp.kv_heads = sorted(lp.kv_heads)
+    lp.q_heads = ordered_q_heads(lp, n_rep)
+    lp.channels = sorted(lp.channels)
+    lin = adapter.linears(layer)
+    q_rows, kv_rows = _rows(lp.q_heads, hd), _rows(lp.kv_heads, hd)
+    ch = torch.tensor(lp.channels, dtype=torch.long)
+    _keep_outputs_(lin["q_proj"], q_rows)
+    _keep_outputs_(lin["k_proj"], kv_rows)
+    _keep_outputs_(lin["v_proj"], kv_rows)
+    _keep_inputs_(lin["o_proj"], q_rows)
+    _keep_outputs_(lin["gate_proj"], ch)
+    _keep_outputs_(lin["up_proj"], ch)
+    _keep_inputs_(lin["down_proj"], ch)
+    adapter.attention_module(layer).num_key_value_groups = len(lp.q_heads) // len(lp.kv_heads)
+    for name in gain:
+        _add_bias_(lin[name], None)
+    if lp.o_bias is not None:
+        _add_bias_(lin["o_proj"], lp.o_bias)
+    if lp.down_bias is not None:
+        _add_bias_(lin["down_proj"], lp.down_bias)
+
+
+def apply_plan_(lm, plan: StructurePlan, *, layers_done: set[int] = frozenset()) -> None:
+    """Apply ``plan`` to ``lm`` in place: slice every layer (except ``layers_done``, already
+    sliced by a method that prunes as it calibrates), add biases, update the config."""
+    a = lm.adapter
+    plan.validate(a, skip=layers_done)
+    flags, gain, extra = plan.new_biases(a)
+    for i, (layer, lp) in enumerate(zip(a.layers(), plan.layers, strict=True)):
+        if i not in layers_done:
+            apply_layer_(a, layer, lp, gain)
+        else:
+            for name in gain:
+                if a.linears(layer)[name].bias is None:
+                    _add_bias_(a.linears(layer)[name], None)
+    update_config_(lm, plan, flags, extra)
+
+
+def update_config_(lm, plan: StructurePlan, flags: dict[str, bool], extra: list[str]) -> None:
+    """Write the pruned sizes into ``lm``'s config (vanilla fields or per_layer_config)."""
+    config = lm.model.config
+    config.head_dim = plan.head_dim  # explicit: the default hidden // heads would change with the heads
+    for flag in flags:
+        setattr(config, flag, True)
+    previous = list(getattr(config, EXTRA_BIAS_KEY, None) or [])
+    if extra or previous:
+        setattr(config, EXTRA_BIAS_KEY, sorted(set(previous) | set(extra)))
+    sizes = [dict(zip(PER_LAYER_KEYS, t, strict=True)) for t in
+             zip(plan.heads_per_layer, plan.kv_heads_per_layer, plan.ffn_per_layer, strict=True)]
+    if plan.is_uniform and _vanilla_ok(config, sizes[0]):
+        if getattr(config, "is_heterogeneous", False):
+            config.per_layer_config = None
+        for key, value in sizes[0].items():
+            setattr(config, key, value)
+    else:
+        if plan.is_uniform:
+            plan.notes.append(f"every layer has {sizes[0]['num_attention_heads']} heads, but "
+                              f"{type(config).__name__} refuses that head count as a global value "
+                              "(hidden_size must be a multiple of it): stored as per_layer_config")
+        config.allow_global_per_layer_attribute_access = True  # the global values stay the dense ones
+        if getattr(config, "is_heterogeneous", False):
+            config.per_layer_config = None
+        config.per_layer_config = {i: dict(s) for i, s in enumerate(sizes)}
+    set_auto_map(config)
+
+
+def _vanilla_ok(config, sizes: dict) -> bool:
+    """Whether the config class accepts ``sizes`` as its global values (LlamaConfig checks
+    hidden_size % num_attention_heads)."""
+    d = config.to_dict()
+    d.pop("per_layer_config", None)
+    d.update(sizes)
+    try:
+        type(config)(**d)
+    except Exception:  # the config class's own validation error, whatever its type
+        return False
+    return True
+
+
+def needs_modeling_file(config) -> bool:
+    """True when plain transformers cannot build the model: per-layer sizes or extra biases."""
+    return bool(getattr(config, "is_heterogeneous", False) or getattr(config, EXTRA_BIAS_KEY, None))
+
+
+def set_auto_map(config) -> None:
+    """Point AutoModelForCausalLM at the modeling file when the model needs it."""
+    from .models.pruned_modeling import class_name
+
+    auto_map = dict(getattr(config, "auto_map", None) or {})
+    if needs_modeling_file(config):
+        auto_map["AutoModelForCausalLM"] = f"{MODELING_FILE[:-3]}.{class_name(config.model_type)}"
+        config.auto_map = auto_map
+    elif auto_map.get("AutoModelForCausalLM", "").startswith(MODELING_FILE[:-3] + "."):
+        del auto_map["AutoModelForCausalLM"]
+        config.auto_map = auto_map or None
