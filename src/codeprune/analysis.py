@@ -288,7 +288,7 @@ def run_row(run: Run) -> dict:
     he = r.get("humaneval") or {}
     return {
         "run": run.label, "path": str(run.path), "kind": r.get("kind", "prune"),
-        "model": r.get("model"), "method": r.get("method"), "pattern": r.get("pattern"),
+        "model": r.get("model"), "method": r.get("method"), "pattern": r.get("pattern") or r.get("structure"),
         "calibration": r.get("calibration_language") or (r.get("calibration") or {}).get("source"),
         "sparsity": r.get("sparsity_actual", r.get("sparsity")),
         "params_total": total, "params_nonzero": nonzero, "params_dense": dense,

@@ -32,8 +32,10 @@ from .evaluate.humaneval import HumanEvalConfig, run_humaneval, write_samples
 from .export import check_output, save_checkpoint
 from .methods import make_pruner
 from .methods.base import prune_model_
+from .methods.structured import prune_structured_
 from .models.sources import LoadedModel, load_model
 from .report import count_parameters, linear_sparsity, render_markdown
+from .structure import decoder_param_count
 
 
 def load(model: str, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
@@ -60,23 +62,45 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 0.5,
-          pattern: str = "unstructured", calib: str = "python-stdlib", samples: int = 64,
-          seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
+def _make_method(method: str, sparsity, pattern, ratio, options: dict):
+    """The pruner for ``method``: unstructured methods take sparsity/pattern, structured ones ratio."""
+    from .methods import METHODS
+
+    options = {k: v for k, v in options.items() if v is not None}
+    if getattr(METHODS.get(method), "structured", False):
+        if sparsity is not None or pattern != "unstructured":
+            raise ConfigError(f"'{method}' removes heads and channels: give --ratio (the fraction of "
+                              "decoder-layer parameters removed), not --sparsity / --pattern")
+        return make_pruner(method, ratio=0.2 if ratio is None else ratio, **options)
+    if ratio is not None:
+        raise ConfigError(f"--ratio is for the structured methods; '{method}' takes --sparsity")
+    return make_pruner(method, sparsity=0.5 if sparsity is None else sparsity, pattern=pattern, **options)
+
+
+def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | None = None,
+          pattern: str = "unstructured", ratio: float | None = None, calib: str = "python-stdlib",
+          samples: int = 64, seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
           offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
           overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
           efficiency: bool = True, dtype: str | torch.dtype = "float32", **method_options) -> PruneResult:
     """Prune ``model`` in place with ``method`` and return the pruned model and its report.
 
-    ``sparsity`` applies per Linear of every decoder layer (embeddings and lm_head
-    are kept); ``pattern`` is "unstructured" or "N:M". Calibration uses
-    ``samples`` windows of ``seq_len`` tokens from the calibration split of
-    ``calib``; with ``eval_ppl`` the dense and pruned models are scored on
+    Unstructured / N:M methods (magnitude, wanda, sparsegpt): ``sparsity`` (default
+    0.5) applies per Linear of every decoder layer (embeddings and lm_head are
+    kept); ``pattern`` is "unstructured" or "N:M". Structured methods (flap,
+    wanda-sp, magnitude-sp): ``ratio`` (default 0.2) is the fraction of
+    decoder-layer parameters removed, by cutting attention heads and FFN channels;
+    ``structure`` ("uniform" / "adaptive"), ``compensation``, ``metric`` (flap),
+    ``head_unit`` and ``attn_square`` go to the method (methods/structured.py).
+    Calibration uses ``samples`` windows of ``seq_len`` tokens from the calibration
+    split of ``calib``; with ``eval_ppl`` the dense and pruned models are scored on
     ``eval_windows`` windows of its held-out split. With ``efficiency`` the report
-    holds the pruned model's efficiency figures (evaluate/efficiency.py) and the
-    energy estimate of the pruning step. With ``out`` the result is saved as a
-    plain HF checkpoint plus report.json / report.md."""
-    pruner = make_pruner(method, sparsity=sparsity, pattern=pattern, **method_options)
+    holds the pruned model's efficiency figures (evaluate/efficiency.py), the
+    energy estimate of the pruning step and, for structured methods, the dense
+    model's batch-1 speed. With ``out`` the result is saved as an HF checkpoint
+    (plain, or with modeling_codeprune.py for per-layer sizes) plus report.json / report.md."""
+    pruner = _make_method(method, sparsity, pattern, ratio, method_options)
+    structured = getattr(pruner, "structured", False)
     if out is not None:
         check_output(out, overwrite)  # refuse before spending minutes on the model
     dev = resolve_device(device)
@@ -100,15 +124,28 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
 
     ppl_dense = score("dense")
     params_dense = count_parameters(lm.model)[0]
+    dense_speed = None
+    if structured:
+        decoder_dense = decoder_param_count(lm.adapter)
+        if efficiency:
+            dense_speed = _batch1_speed(lm, dev, offload)
+    uses_data = pruner.needs_calibration or getattr(pruner.config, "compensation", False)
     start = time.perf_counter()
     with energy_tracker() as energy:
-        pruned = prune_model_(lm, pruner, calib_set.input_ids if pruner.needs_calibration else None,
-                              device=dev, offload=offload, batch_size=batch_size)
+        ids = calib_set.input_ids if uses_data else None
+        if structured:
+            plan = prune_structured_(lm, pruner, ids, device=dev, offload=offload, batch_size=batch_size)
+        else:
+            pruned = prune_model_(lm, pruner, ids, device=dev, offload=offload, batch_size=batch_size)
     seconds = time.perf_counter() - start
     ppl_pruned = score("pruned")
 
-    report = _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, seconds,
-                           dev, text_field)
+    report = _common_report(lm, pruner, calib_set if uses_data else None, held, ppl_dense, ppl_pruned,
+                            seconds, dev, text_field)
+    if structured:
+        report.update(_structured_fields(lm, pruner, plan, decoder_dense, params_dense))
+    else:
+        report.update(_sparse_fields(lm, pruner, pruned))
     report["params_dense"] = params_dense
     report["energy_prune"] = energy or None
     if efficiency:
@@ -117,27 +154,40 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float = 
         if offload:
             place_model(lm, dev)
         report["efficiency"] = efficiency_report(lm)  # disk_bytes filled in when saved
+        if structured:
+            report["tokens_per_s_dense"] = dense_speed
+            report["tokens_per_s_pruned"] = _speed_fields(report["efficiency"]["speed"]["batch_1"])
     path = None
     if out is not None:
         path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_markdown)
     return PruneResult(lm, report, path)
 
 
-def _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, seconds, dev,
-                  text_field) -> dict:
-    """report.json of one pruning run (see the README for the fields)."""
-    actual, per_layer = linear_sparsity(lm.model, pruned)
+def _speed_fields(speed: dict) -> dict:
+    return {"prefill": speed["prefill_tok_s"], "decode": speed["decode_tok_s"],
+            "prompt_len": speed["prompt_len"], "new_tokens": speed["new_tokens"], "batch": 1}
+
+
+def _batch1_speed(lm: LoadedModel, dev, offload: bool) -> dict:
+    """Prefill/decode tokens/s at batch 1 (the same measurement the pruned model gets)."""
+    from .evaluate.efficiency import measure_speed
+
+    place_model(lm, dev)
+    speed = _speed_fields(measure_speed(lm, batch_size=1))
+    if offload:
+        place_model(lm, "cpu")
+    return speed
+
+
+def _common_report(lm, pruner, calib_set, held, ppl_dense, ppl_pruned, seconds, dev, text_field) -> dict:
+    """The fields of report.json every pruning run has (see the README for the fields)."""
     total, nonzero = count_parameters(lm.model)
     return {
         "model": lm.name,
         "method": pruner.name,
-        "pattern": pruner.config.pattern,
-        "sparsity_target": pruner.config.sparsity,
-        "sparsity_actual": actual,
         "params_total": total,
         "params_nonzero": nonzero,
-        "calibration": {**calib_set.describe(), "text_field": text_field} if pruner.needs_calibration
-        else None,
+        "calibration": {**calib_set.describe(), "text_field": text_field} if calib_set is not None else None,
         "ppl_dense": ppl_dense,
         "ppl_pruned": ppl_pruned,
         "ppl_protocol": protocol(held) if held is not None else None,
@@ -146,8 +196,44 @@ def _prune_report(lm, pruner, pruned, calib_set, held, ppl_dense, ppl_pruned, se
         "device": str(dev),
         "method_options": dict(vars(pruner.config)),
         "source": lm.origin,
-        "per_layer": per_layer,
         "notes": [lm.origin["note"]] if lm.origin.get("note") else [],
+    }
+
+
+def _sparse_fields(lm, pruner, pruned) -> dict:
+    actual, per_layer = linear_sparsity(lm.model, pruned)
+    return {"pruning": "unstructured", "pattern": pruner.config.pattern, "sparsity_target": pruner.config.sparsity,
+            "sparsity_actual": actual, "per_layer": per_layer}
+
+
+def _structured_fields(lm, pruner, plan, decoder_dense: int, params_dense: int) -> dict:
+    from .structure import needs_modeling_file
+
+    decoder = decoder_param_count(lm.adapter)
+    total = count_parameters(lm.model)[0]
+    planned = plan.planned_params
+    if planned != {"total": total, "decoder": decoder}:  # the plan's count is a contract: tested
+        raise RuntimeError(f"plan predicted {planned} parameters, surgery gave total {total}, decoder {decoder}")
+    remote = needs_modeling_file(lm.model.config)
+    notes = list(plan.notes)
+    if getattr(lm.model.config, "codeprune_extra_bias", None):
+        notes.append(f"{lm.model.config.model_type} has no config flag for the compensation biases "
+                     f"({', '.join(lm.model.config.codeprune_extra_bias)}): load with trust_remote_code=True "
+                     "or codeprune.load (plain from_pretrained drops them)")
+    return {
+        "pruning": "structured",
+        "structure": pruner.config.structure,
+        "compensation": pruner.config.compensation,
+        "ratio_target": pruner.config.ratio,
+        "ratio_actual_decoder": 1 - decoder / decoder_dense,
+        "ratio_actual_total": 1 - total / params_dense,
+        "params_decoder_dense": decoder_dense,
+        "params_decoder": decoder,
+        "heads_per_layer": plan.heads_per_layer,
+        "kv_heads_per_layer": plan.kv_heads_per_layer,
+        "ffn_per_layer": plan.ffn_per_layer,
+        "export": "trust_remote_code" if remote else "plain",
+        "structure_notes": notes,
     }
 
 

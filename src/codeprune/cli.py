@@ -2,6 +2,7 @@
 
     codeprune models [--install NAME]
     codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
+    codeprune prune --model smollm2-135m --method flap --ratio 0.2 --out runs/flap20
     codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval
     codeprune sweep --model smollm2-135m --calib-langs python,java --out runs/langs
     codeprune compare runs/langs/*
@@ -50,9 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save a checkpoint + report")
     _add_common(p)
-    p.add_argument("--method", default="wanda", choices=sorted(METHODS))
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed per Linear")
+    p.add_argument("--method", default="wanda", choices=sorted(METHODS),
+                   help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, magnitude-sp")
+    p.add_argument("--sparsity", type=float, help="unstructured: fraction of weights removed per Linear (0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    s = p.add_argument_group("structured methods (flap, wanda-sp, magnitude-sp)")
+    s.add_argument("--ratio", type=float,
+                   help="fraction of decoder-layer parameters removed (default 0.2); the report also "
+                        "gives the fraction of all parameters")
+    s.add_argument("--structure", choices=["uniform", "adaptive"],
+                   help="uniform: same share in every layer (plain checkpoint); adaptive: global, "
+                        "per-layer sizes (default for flap; the baselines default to uniform)")
+    s.add_argument("--metric", choices=["wifv", "ifv", "wifn"], help="FLAP's fluctuation metric (default wifv)")
+    s.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
+                   help="bias compensation (default: on for flap, off for the baselines)")
+    s.add_argument("--head-unit", choices=["auto", "query", "group"],
+                   help="attention unit under GQA: one query head per KV group (query, the default) or "
+                        "a whole KV group (group)")
+    s.add_argument("--attn-square", action="store_true", default=None,
+                   help="square the head score, as FLAP's public code")
     p.add_argument("--calib", default="python-stdlib",
                    help="python-stdlib, LANG:DIR, FILE.txt, FILE.jsonl or hf:NAME[:CONFIG]:SPLIT:FIELD")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
@@ -97,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="one sub-model per calibration language, scored on every language")
     _add_common(w)
-    w.add_argument("--method", default="wanda", choices=sorted(METHODS))
-    w.add_argument("--sparsity", type=float, default=0.5)
+    w.add_argument("--method", default="wanda",
+                   choices=sorted(n for n, c in METHODS.items() if not getattr(c, "structured", False)))
+    w.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed per Linear")
     w.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M")
     w.add_argument("--calib-langs", default="python,java,cpp,javascript",
                    help="languages (corpora found here, see `codeprune eval --ppl code-ppl`) or "
@@ -156,8 +174,10 @@ def cmd_models(args) -> int:
 def cmd_prune(args) -> int:
     from .api import prune
 
-    result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern,
-                   calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+    structured = {"structure": args.structure, "metric": args.metric, "compensation": args.compensation,
+                  "head_unit": args.head_unit, "attn_square": args.attn_square}
+    result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, ratio=args.ratio,
+                   **structured, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                    text_field=args.text_field, device=args.device, offload=args.offload,
                    batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
                    eval_ppl=not args.no_eval, eval_windows=args.eval_windows, dtype=args.dtype)

@@ -30,6 +30,8 @@ def linear_sparsity(model: nn.Module, linears: list[nn.Linear]) -> tuple[float, 
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, int):
@@ -44,10 +46,15 @@ def render_markdown(report: dict) -> str:
     rows = [
         ("method", r.get("method")), ("pattern", r.get("pattern")),
         ("sparsity target", r.get("sparsity_target")), ("sparsity actual", r.get("sparsity_actual")),
+        ("structure", r.get("structure")), ("bias compensation", r.get("compensation")),
+        ("ratio target (decoder parameters)", r.get("ratio_target")),
+        ("ratio actual (decoder parameters)", r.get("ratio_actual_decoder")),
+        ("ratio actual (all parameters)", r.get("ratio_actual_total")),
+        ("dense parameters", r.get("params_dense") if r.get("pruning") == "structured" else None),
         ("parameters", r.get("params_total")), ("non-zero parameters", r.get("params_nonzero")),
         ("perplexity dense", r.get("ppl_dense")), ("perplexity pruned", r.get("ppl_pruned")),
         ("pruning time (s)", r.get("seconds_prune")), ("peak RSS (MB)", r.get("peak_rss_mb")),
-        ("device", r.get("device")),
+        ("device", r.get("device")), ("checkpoint loads with", _EXPORT.get(r.get("export"))),
     ]
     lines += ["| | |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
@@ -64,6 +71,8 @@ def render_markdown(report: dict) -> str:
                   for lang, e in r["perplexity"].items()]
         first = next(iter(r["perplexity"].values()))
         lines += ["", f"Perplexity protocol: {first['protocol']}."]
+    if r.get("heads_per_layer"):
+        lines += _structure_lines(r)
     per_layer = r.get("per_layer") or {}
     if per_layer:
         by_kind = defaultdict(list)
@@ -80,6 +89,25 @@ def render_markdown(report: dict) -> str:
     for note in r.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+_EXPORT = {"plain": "plain from_pretrained",
+           "trust_remote_code": "from_pretrained(trust_remote_code=True) or codeprune.load"}
+
+
+def _structure_lines(r: dict) -> list[str]:
+    lines = ["", "## Structure", "", "| layer | heads | KV heads | FFN channels |", "|---|---|---|---|"]
+    rows = zip(r["heads_per_layer"], r["kv_heads_per_layer"], r["ffn_per_layer"], strict=True)
+    lines += [f"| {i} | {h} | {kv} | {f} |" for i, (h, kv, f) in enumerate(rows)]
+    dense, pruned = r.get("tokens_per_s_dense"), r.get("tokens_per_s_pruned")
+    if dense and pruned:
+        lines += ["", "| batch 1 | prefill tok/s | decode tok/s |", "|---|---|---|",
+                  f"| dense | {dense['prefill']:.1f} | {dense['decode']:.1f} |",
+                  f"| pruned | {pruned['prefill']:.1f} | {pruned['decode']:.1f} |",
+                  f"| speed-up | {pruned['prefill'] / dense['prefill']:.2f}x | "
+                  f"{pruned['decode'] / dense['decode']:.2f}x |"]
+    lines += [f"\nNote: {n}" for n in r.get("structure_notes", [])]
+    return lines
 
 
 def _efficiency_lines(eff: dict) -> list[str]:

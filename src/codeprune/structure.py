@@ -74,6 +74,7 @@ class StructurePlan:
     head_dim: int
     n_rep: int
     notes: list[str] = field(default_factory=list)
+    planned_params: dict | None = None  # param_count() recorded before surgery
 
     @classmethod
     def dense(cls, adapter: DecoderAdapter) -> StructurePlan:

@@ -307,6 +307,7 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
             counts = adaptive_counts(lm, scores, cfg, kind, budget_shift=excess)
             plan = _build(lm, scores, counts, kind, cfg)
     plan.notes.append(f"head unit: {kind}")
+    plan.planned_params = plan.param_count(lm)  # before the remaining surgery
     apply_plan_(lm, plan, layers_done=done)
     return plan
 
