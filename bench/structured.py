@@ -25,13 +25,13 @@ import os
 import statistics
 import time
 
-import codeprune
-from codeprune.data import heldout_windows, read_source
-from codeprune.evaluate import perplexity
-from codeprune.evaluate.efficiency import measure_speed
-from codeprune.report import count_parameters
+os.environ.setdefault("TQDM_DISABLE", "1")  # one line per run, no progress bars (read when tqdm loads)
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # one line per run, no progress bars
+import codeprune  # noqa: E402
+from codeprune.data import heldout_windows, read_source  # noqa: E402
+from codeprune.evaluate import perplexity  # noqa: E402
+from codeprune.evaluate.efficiency import measure_speed  # noqa: E402
+from codeprune.report import count_parameters  # noqa: E402
 
 RUNS = [("flap", "adaptive"), ("flap", "uniform"), ("wanda-sp", "uniform"), ("magnitude-sp", "uniform")]
 
