@@ -62,7 +62,8 @@ def main() -> None:
     speed_dense = decode_speed(base, args.repeat, args.new_tokens)
     params_dense = count_parameters(base.model)[0]
     print(f"model {args.model}: {params_dense:,} parameters; calibration {args.calib} {args.samples} x "
-          f"{args.seq_len}, seed 0; perplexity on {len(held.input_ids)} held-out windows of {args.eval_seq_len}")
+          f"{args.seq_len}, seed 0; perplexity on {len(held.input_ids)} held-out windows of "
+          f"{args.eval_seq_len}")
     print(f"dense: ppl {ppl_dense:.3f}, decode {speed_dense:.1f} tok/s (batch 1, median of {args.repeat})\n")
     header = (f"{'ratio':>5} {'method':<13}{'structure':<10}{'comp':<5}{'dec. ratio':>11}{'all ratio':>10}"
               f"{'ppl':>10}{'decode tok/s':>13}{'speed-up':>9}{'ideal':>7}{'of ideal':>9}{'prune s':>8}")

@@ -70,3 +70,55 @@ def test_second_load_uses_the_cache(smollm2):
     lm = codeprune.load("smollm2-135m")
     assert lm.origin["kind"] == "alias" and "4-bit" in lm.origin["note"]
     assert lm.adapter.num_layers == 30 and lm.adapter.num_kv_heads == 3
+
+
+# -- structured pruning (issue 4) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def structured(tmp_path_factory, smollm2):
+    """FLAP adaptive, FLAP uniform and Wanda-sp at 20% of the decoder parameters."""
+    out = tmp_path_factory.mktemp("structured")
+    runs = {}
+    for name, method, options in [("flap", "flap", {}), ("flap-uniform", "flap", {"structure": "uniform"}),
+                                  ("wanda-sp", "wanda-sp", {})]:
+        lm = codeprune.load("smollm2-135m")
+        runs[name] = codeprune.prune(lm, method, ratio=0.2, out=out / name, efficiency=name == "flap",
+                                     **OPTS, **options)
+    return runs
+
+
+def test_flap_beats_wanda_sp_at_the_same_ratio(structured):
+    r = {name: res.report for name, res in structured.items()}
+    for rep in r.values():
+        assert abs(rep["ratio_actual_decoder"] - 0.2) < 0.01, rep["ratio_actual_decoder"]
+    assert r["flap"]["ppl_dense"] < r["flap"]["ppl_pruned"] < r["wanda-sp"]["ppl_pruned"], \
+        {n: rep["ppl_pruned"] for n, rep in r.items()}
+    assert r["flap"]["tokens_per_s_pruned"]["decode"] > 0
+
+
+def test_uniform_flap_on_smollm2_is_a_plain_llama_checkpoint(structured):
+    res = structured["flap-uniform"]
+    config = json.loads((res.out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "per_layer_config" not in config and "auto_map" not in config
+    assert config["num_attention_heads"] == 6 and config["num_key_value_heads"] == 3
+    assert res.report["export"] == "plain"
+    ids = torch.arange(100, 164).reshape(2, 32)
+    plain = AutoModelForCausalLM.from_pretrained(res.out).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, res.model.model(input_ids=ids).logits)
+
+
+def test_adaptive_flap_on_smollm2_reloads_and_generates(structured):
+    res = structured["flap"]
+    assert res.report["export"] == "trust_remote_code"
+    ids = torch.arange(100, 164).reshape(2, 32)
+    with torch.no_grad():
+        expected = res.model.model(input_ids=ids).logits
+        ours = codeprune.load(str(res.out))
+        assert torch.equal(ours.model(input_ids=ids).logits, expected)
+        remote = AutoModelForCausalLM.from_pretrained(res.out, trust_remote_code=True).eval()
+        assert torch.equal(remote(input_ids=ids).logits, expected)
+    prompt = ours.tokenizer("def fibonacci(n):", return_tensors="pt")
+    out = remote.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8

@@ -210,8 +210,8 @@ def test_bias_compensation_brings_layer_outputs_closer_to_dense():
     plan = prune_structured_(with_bias, make_pruner("flap", ratio=0.3, structure="adaptive"), x)
     assert all(lp.o_bias is not None and lp.down_bias is not None for lp in plan.layers)
     without = copy.deepcopy(dense)  # the same heads and channels, no bias
-    apply_plan_(without, StructurePlan([LayerPlan(lp.kv_heads, lp.q_heads, lp.channels) for lp in plan.layers],
-                                       plan.head_dim, plan.n_rep))
+    bare = [LayerPlan(lp.kv_heads, lp.q_heads, lp.channels) for lp in plan.layers]
+    apply_plan_(without, StructurePlan(bare, plan.head_dim, plan.n_rep))
     assert layer_mse(with_bias) < layer_mse(without)
 
 
@@ -331,5 +331,20 @@ def code_dir_factory(tmp_path):
     root = tmp_path / "code"
     root.mkdir()
     for i in range(6):
-        (root / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60)))
+        body = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60))
+        (root / f"m{i}.py").write_text(body)
     return root
+
+
+def test_cli_prunes_a_folder_with_flap(tmp_path, code_dir_factory, capsys):
+    src = save_checkpoint(make_tiny("llama", **GQA, intermediate_size=256), tmp_path / "dense")
+    out = tmp_path / "flap"
+    code = main(["prune", "--model", str(src), "--method", "flap", "--ratio", "0.3", "--structure", "uniform",
+                 "--no-compensation", "--head-unit", "group", "--calib", f"python:{code_dir_factory}",
+                 "--samples", "4", "--seq-len", "32", "--eval-windows", "2", "--out", str(out), "--json"])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((out / "report.json").read_text())
+    assert r["method_options"]["compensation"] is False and r["method_options"]["head_unit"] == "group"
+    assert r["structure"] == "uniform" and len(set(r["heads_per_layer"])) == 1
+    assert r["kv_heads_per_layer"] == [1, 1] and r["heads_per_layer"] == [4, 4]  # one whole KV group
+    assert json.loads(capsys.readouterr().out)["ratio_target"] == 0.3

@@ -64,10 +64,10 @@ def peak_rss_mb() -> float:
 
 def _make_method(method: str, sparsity, pattern, ratio, options: dict):
     """The pruner for ``method``: unstructured methods take sparsity/pattern, structured ones ratio."""
-    from .methods import METHODS
+    from .methods import is_structured
 
     options = {k: v for k, v in options.items() if v is not None}
-    if getattr(METHODS.get(method), "structured", False):
+    if is_structured(method):
         if sparsity is not None or pattern != "unstructured":
             raise ConfigError(f"'{method}' removes heads and channels: give --ratio (the fraction of "
                               "decoder-layer parameters removed), not --sparsity / --pattern")
@@ -202,7 +202,8 @@ def _common_report(lm, pruner, calib_set, held, ppl_dense, ppl_pruned, seconds, 
 
 def _sparse_fields(lm, pruner, pruned) -> dict:
     actual, per_layer = linear_sparsity(lm.model, pruned)
-    return {"pruning": "unstructured", "pattern": pruner.config.pattern, "sparsity_target": pruner.config.sparsity,
+    return {"pruning": "unstructured", "pattern": pruner.config.pattern,
+            "sparsity_target": pruner.config.sparsity,
             "sparsity_actual": actual, "per_layer": per_layer}
 
 
@@ -213,7 +214,8 @@ def _structured_fields(lm, pruner, plan, decoder_dense: int, params_dense: int) 
     total = count_parameters(lm.model)[0]
     planned = plan.planned_params
     if planned != {"total": total, "decoder": decoder}:  # the plan's count is a contract: tested
-        raise RuntimeError(f"plan predicted {planned} parameters, surgery gave total {total}, decoder {decoder}")
+        raise RuntimeError(f"plan predicted {planned} parameters, surgery gave total {total}, "
+                           f"decoder {decoder}")
     remote = needs_modeling_file(lm.model.config)
     notes = list(plan.notes)
     if getattr(lm.model.config, "codeprune_extra_bias", None):

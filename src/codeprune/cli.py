@@ -41,7 +41,7 @@ def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
+    from .methods import METHODS, SPARSE_METHODS
 
     parser = _Parser(prog="codeprune", description="Prune code LLMs and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--method", default="wanda", choices=sorted(METHODS),
                    help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, magnitude-sp")
-    p.add_argument("--sparsity", type=float, help="unstructured: fraction of weights removed per Linear (0.5)")
+    p.add_argument("--sparsity", type=float,
+                   help="unstructured: fraction of weights removed per Linear (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
     s = p.add_argument_group("structured methods (flap, wanda-sp, magnitude-sp)")
     s.add_argument("--ratio", type=float,
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--structure", choices=["uniform", "adaptive"],
                    help="uniform: same share in every layer (plain checkpoint); adaptive: global, "
                         "per-layer sizes (default for flap; the baselines default to uniform)")
-    s.add_argument("--metric", choices=["wifv", "ifv", "wifn"], help="FLAP's fluctuation metric (default wifv)")
+    s.add_argument("--metric", choices=["wifv", "ifv", "wifn"],
+                   help="FLAP's fluctuation metric (default wifv)")
     s.add_argument("--compensation", action=argparse.BooleanOptionalAction, default=None,
                    help="bias compensation (default: on for flap, off for the baselines)")
     s.add_argument("--head-unit", choices=["auto", "query", "group"],
@@ -114,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="one sub-model per calibration language, scored on every language")
     _add_common(w)
-    w.add_argument("--method", default="wanda",
-                   choices=sorted(n for n, c in METHODS.items() if not getattr(c, "structured", False)))
+    w.add_argument("--method", default="wanda", choices=SPARSE_METHODS)
     w.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed per Linear")
     w.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M")
     w.add_argument("--calib-langs", default="python,java,cpp,javascript",

@@ -34,7 +34,7 @@ from .evaluate import perplexity, protocol
 from .evaluate.efficiency import disk_bytes, efficiency_report
 from .evaluate.similarity import decoder_linears, model_masks, save_masks
 from .export import check_output, write_atomically
-from .methods import make_pruner
+from .methods import is_structured, make_pruner
 from .methods.base import prune_model_
 from .models.sources import LoadedModel
 from .report import count_parameters, linear_sparsity, render_markdown
@@ -82,6 +82,9 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
     evaluation language (default: the calibration languages). Returns sweep.json's content."""
     from .api import _as_loaded
 
+    if is_structured(method):
+        raise ConfigError(f"the language sweep compares masks of the same shapes: '{method}' is structured "
+                          "(use an unstructured method, or run `codeprune prune` once per language)")
     pruner = make_pruner(method, sparsity=sparsity, pattern=pattern, **method_options)
     if not pruner.needs_calibration:
         raise ConfigError(f"method '{method}' uses no calibration data: a language sweep needs one that does")

@@ -141,7 +141,8 @@ class StructurePlan:
                 raise ConfigError(f"layer {i}: bad query head indices {lp.q_heads}")
             if len(set(lp.kv_heads)) != len(lp.kv_heads) or not set(lp.kv_heads) <= set(range(s["kv_heads"])):
                 raise ConfigError(f"layer {i}: bad KV head indices {lp.kv_heads}")
-            if not set(lp.channels) <= set(range(s["intermediate"])) or len(set(lp.channels)) != len(lp.channels):
+            channels = set(lp.channels)
+            if not channels <= set(range(s["intermediate"])) or len(channels) != len(lp.channels):
                 raise ConfigError(f"layer {i}: bad FFN channel indices")
             per_group = {g: 0 for g in lp.kv_heads}
             for h in lp.q_heads:
@@ -231,7 +232,8 @@ def ordered_q_heads(lp: LayerPlan, n_rep: int) -> list[int]:
 
 
 @torch.no_grad()
-def apply_layer_(adapter: DecoderAdapter, layer: nn.Module, lp: LayerPlan, gain: set[str] = frozenset()) -> None:
+def apply_layer_(adapter: DecoderAdapter, layer: nn.Module, lp: LayerPlan,
+                 gain: set[str] = frozenset()) -> None:
     """Slice one layer to ``lp`` (q/k/v rows, o columns, gate/up rows, down columns) and add
     its compensation biases; ``gain``: sublayers that get a bias (zeros unless compensated)."""
     s = adapter.layer_sizes(layer)

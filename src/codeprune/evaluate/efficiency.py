@@ -33,7 +33,8 @@ def macs_per_token(lm: LoadedModel, context: int, *, nonzero: bool = False) -> i
 
     Linear layers (decoder Linears and lm_head) count in*out each (or their
     non-zero weights with ``nonzero``); attention adds QK^T and AV: 2 * heads *
-    head_dim * context per layer (the layer's own head count, after structured pruning). Norms, activations and rotary are ignored."""
+    head_dim * context per layer (the layer's own head count, after structured
+    pruning). Norms, activations and rotary are ignored."""
     a = lm.adapter
     count = (lambda W: int(torch.count_nonzero(W).item())) if nonzero else (lambda W: W.numel())
     macs = count(a.lm_head().weight)

@@ -238,7 +238,7 @@ def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: 
     pool.sort(key=lambda p: p[0])
     target = cfg.ratio * decoder_param_count(a) + budget_shift
     removed, counts = 0, [[0, 0] for _ in scores]
-    for score, w, i, kind_ in pool:
+    for _, w, i, kind_ in pool:
         if removed + w > target:
             if kind_ == "attn":
                 continue  # a large unit that would overshoot: a channel may still fit

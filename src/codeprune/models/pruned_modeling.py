@@ -66,7 +66,8 @@ def _make_class(model_type: str) -> type:
         self.post_init()
 
     doc = f"{parent.__name__} whose layers may differ in heads and FFN width (codeprune)."
-    return type(class_name(model_type), (parent,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    namespace = {"__init__": __init__, "__doc__": doc, "__module__": __name__}
+    return type(class_name(model_type), (parent,), namespace)
 
 
 def model_class(model_type: str) -> type:
