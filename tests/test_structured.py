@@ -157,8 +157,8 @@ def test_achieved_ratio_is_within_one_point(model_type, structure, ratio):
 
 def test_gqa_group_unit_removes_kv_heads_with_their_query_heads():
     lm = make_tiny("qwen2", **GQA, num_hidden_layers=3, intermediate_size=256)
-    plan = prune_structured_(lm, make_pruner("flap", ratio=0.3, head_unit="group"), ids())
-    assert min(plan.kv_heads_per_layer) == 1  # a whole KV group went somewhere
+    plan = prune_structured_(lm, make_pruner("flap", ratio=0.3, head_unit="group", structure="uniform"), ids())
+    assert plan.kv_heads_per_layer == [1, 1, 1]  # round(0.3 * 2 groups) = 1 group per layer
     for layer, lp, h, kv in zip(lm.adapter.layers(), plan.layers, plan.heads_per_layer,
                                 plan.kv_heads_per_layer, strict=True):
         assert h == 4 * kv  # whole groups only: the GQA ratio is unchanged
@@ -170,7 +170,7 @@ def test_gqa_group_unit_removes_kv_heads_with_their_query_heads():
 
 def test_query_unit_keeps_kv_heads_and_equal_groups():
     lm = make_tiny("qwen2", **GQA, num_hidden_layers=3, intermediate_size=256)
-    plan = prune_structured_(lm, make_pruner("flap", ratio=0.3, structure="adaptive"), ids())
+    plan = prune_structured_(lm, make_pruner("flap", ratio=0.3, structure="uniform"), ids())
     assert plan.kv_heads_per_layer == [2, 2, 2]
     assert min(plan.heads_per_layer) < 8
     for lp in plan.layers:
@@ -348,3 +348,13 @@ def test_cli_prunes_a_folder_with_flap(tmp_path, code_dir_factory, capsys):
     assert r["structure"] == "uniform" and len(set(r["heads_per_layer"])) == 1
     assert r["kv_heads_per_layer"] == [1, 1] and r["heads_per_layer"] == [4, 4]  # one whole KV group
     assert json.loads(capsys.readouterr().out)["ratio_target"] == 0.3
+
+
+def test_vllm_backend_refuses_a_per_layer_checkpoint(tmp_path):
+    lm = make_tiny("llama", **GQA, num_hidden_layers=3, intermediate_size=256)
+    prune_structured_(lm, make_pruner("flap", ratio=0.3), ids())
+    out = save_checkpoint(lm, tmp_path / "a")
+    from codeprune.evaluate.humaneval import HumanEvalConfig
+
+    with pytest.raises(ConfigError, match="vLLM"):
+        codeprune.evaluate(str(out), humaneval=HumanEvalConfig(backend="vllm"), efficiency=False)

@@ -291,6 +291,12 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     if vllm:
         if isinstance(model, LoadedModel):
             raise ConfigError("--backend vllm loads the model itself: give a folder, alias or hub id")
+        config_file = Path(str(model)).expanduser() / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            if config.get("per_layer_config") or config.get("codeprune_extra_bias"):
+                raise ConfigError(f"{model} has per-layer sizes or extra biases (modeling_codeprune.py), "
+                                  "which vLLM cannot serve: use --backend hf")
         efficiency = False  # measured on the HF copy, it would not describe vLLM's serving
     result: dict = {"kind": "eval"}
     lm = None

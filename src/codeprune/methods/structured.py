@@ -13,9 +13,10 @@ turns the scores into a ``structure.StructurePlan``:
   ``group`` - a KV head with all its query heads (q/k/v rows, o columns); the
   default (and the only choice) for multi-head attention.
 - Scores. A head's score is the mean of its channel scores (optionally squared,
-  as FLAP's public code does: ``attn_square``); with the adaptive structure the
-  head and channel scores are standardised within each layer and module,
-  z = (s - mean) / std, and a unit scores the mean z of its heads.
+  as FLAP's public code does: ``attn_square``). With the adaptive structure the
+  channel scores are standardised within each layer and module,
+  z = (s - mean) / std (o_proj's input channels, down_proj's input channels); a
+  head scores the mean z of its channels, a unit the mean over its heads.
 - Structure. ``uniform`` (UL-UM): every layer loses the same share of heads and
   channels. ``adaptive`` (AL-AM): all units of the model are pooled and the
   lowest-scoring removed until the budget is met; each layer keeps its best
@@ -93,7 +94,8 @@ class StructuredPruner(ABC):
 class LayerScores:
     """One layer's scores and what compensation needs."""
 
-    head: torch.Tensor  # (heads,)
+    head: torch.Tensor  # (heads,) mean of the head's channel scores
+    head_channels: torch.Tensor  # (heads * head_dim,) the channel scores of o_proj's input
     channel: torch.Tensor  # (intermediate,)
     o_mean: torch.Tensor | None  # (heads * head_dim,) mean input of o_proj
     down_mean: torch.Tensor | None  # (intermediate,)
@@ -185,7 +187,8 @@ def _dummy_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool
     for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
         s = a.layer_sizes(layer)
         n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
-        zeros = LayerScores(torch.zeros(s["heads"]), torch.zeros(s["intermediate"]),
+        zeros = LayerScores(torch.zeros(s["heads"]), torch.zeros(s["heads"] * a.head_dim),
+                            torch.zeros(s["intermediate"]),
                             torch.zeros(s["heads"] * a.head_dim), torch.zeros(s["intermediate"]), n_kv, n_rep)
         plan.layers[i] = layer_plan(zeros, a.linears(layer), a.head_dim, kind, n_u, n_c, compensation)
     return plan
@@ -231,7 +234,8 @@ def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: 
     pool = []  # (score, weight, layer, "attn" | "mlp")
     for i, (layer, sc) in enumerate(zip(a.layers(), scores, strict=True)):
         w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, sc.n_kv, sc.n_rep, kind)
-        units = attention_units(_z(sc.head), sc.n_kv, sc.n_rep, kind)
+        head_z = _z(sc.head_channels).view(len(sc.head), -1).mean(1)  # FLAP: standardise channels, then mean
+        units = attention_units(head_z, sc.n_kv, sc.n_rep, kind)
         pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
         z = _z(sc.channel).sort().values
         pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
@@ -253,12 +257,12 @@ def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: 
 def _layer_scores(pruner: StructuredPruner, adapter, layer, linears, stats) -> LayerScores:
     s = adapter.layer_sizes(layer)
     o_stats, d_stats = stats.get("o_proj"), stats.get("down_proj")
-    att = pruner.channel_scores("attention", linears, o_stats if pruner.needs_calibration else None)
-    head = att.float().view(s["heads"], adapter.head_dim).mean(1)
+    att = pruner.channel_scores("attention", linears, o_stats if pruner.needs_calibration else None).float()
     if pruner.config.attn_square:
-        head = head.square()
+        att = att.square()
+    head = att.view(s["heads"], adapter.head_dim).mean(1)
     channel = pruner.channel_scores("mlp", linears, d_stats if pruner.needs_calibration else None).float()
-    return LayerScores(head.cpu(), channel.cpu(),
+    return LayerScores(head.cpu(), att.cpu(), channel.cpu(),
                        o_stats.mean if o_stats is not None else None,
                        d_stats.mean if d_stats is not None else None,
                        s["kv_heads"], s["heads"] // s["kv_heads"])
