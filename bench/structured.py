@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--flap-metrics", default="wifv",
+                    help="FLAP metrics to run, comma-separated (wifv = the paper's default; ifv, wifn)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
 
@@ -65,24 +67,27 @@ def main() -> None:
           f"{args.seq_len}, seed 0; perplexity on {len(held.input_ids)} held-out windows of "
           f"{args.eval_seq_len}")
     print(f"dense: ppl {ppl_dense:.3f}, decode {speed_dense:.1f} tok/s (batch 1, median of {args.repeat})\n")
-    header = (f"{'ratio':>5} {'method':<13}{'structure':<10}{'comp':<5}{'dec. ratio':>11}{'all ratio':>10}"
+    header = (f"{'ratio':>5} {'method':<18}{'structure':<10}{'comp':<5}{'dec. ratio':>11}{'all ratio':>10}"
               f"{'ppl':>10}{'decode tok/s':>13}{'speed-up':>9}{'ideal':>7}{'of ideal':>9}{'prune s':>8}")
     print(header)
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        for method, structure in RUNS:
+        runs = [(m, s, {"metric": metric} if m == "flap" else {}) for m, s in RUNS
+                for metric in (args.flap_metrics.split(",") if m == "flap" else [None])]
+        for method, structure, options in runs:
+            label = f"{method} {options['metric']}" if options else method
             for comp in (True, False):
                 lm = copy.deepcopy(base)
                 start = time.perf_counter()
                 res = codeprune.prune(lm, method, ratio=ratio, structure=structure, compensation=comp,
                                       calib=args.calib, samples=args.samples, seq_len=args.seq_len,
-                                      eval_ppl=False, efficiency=False)
+                                      eval_ppl=False, efficiency=False, **options)
                 seconds = time.perf_counter() - start
                 r = res.report
                 ppl = perplexity(lm, held, desc="ppl")["ppl"]
                 speed = decode_speed(lm, args.repeat, args.new_tokens)
                 ideal = params_dense / r["params_total"]
-                row = {"ratio": ratio, "method": method, "structure": structure, "compensation": comp,
+                row = {"ratio": ratio, "method": label, "structure": structure, "compensation": comp,
                        "ratio_actual_decoder": r["ratio_actual_decoder"],
                        "ratio_actual_total": r["ratio_actual_total"], "ppl": ppl, "ppl_dense": ppl_dense,
                        "decode_tok_s": speed, "decode_tok_s_dense": speed_dense,
@@ -90,7 +95,7 @@ def main() -> None:
                        "ideal_speedup_decoder": 1 / (1 - ratio), "seconds": seconds,
                        "heads_per_layer": r["heads_per_layer"], "ffn_per_layer": r["ffn_per_layer"]}
                 rows.append(row)
-                print(f"{ratio:>5.2f} {method:<13}{structure:<10}{'yes' if comp else 'no':<5}"
+                print(f"{ratio:>5.2f} {label:<18}{structure:<10}{'yes' if comp else 'no':<5}"
                       f"{row['ratio_actual_decoder']:>11.4f}{row['ratio_actual_total']:>10.4f}{ppl:>10.4g}"
                       f"{speed:>13.1f}{row['speedup']:>8.2f}x{ideal:>6.2f}x{row['speedup'] / ideal:>9.0%}"
                       f"{seconds:>8.0f}", flush=True)
