@@ -200,10 +200,10 @@ def _rows(units: list[int], size: int) -> torch.Tensor:
 @torch.no_grad()
 def _keep_outputs_(linear: nn.Linear, idx: torch.Tensor) -> None:
     idx = idx.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.index_select(0, idx).clone(),
+    linear.weight = nn.Parameter(linear.weight.index_select(0, idx),
                                  requires_grad=linear.weight.requires_grad)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.index_select(0, idx).clone(),
+        linear.bias = nn.Parameter(linear.bias.index_select(0, idx),
                                    requires_grad=linear.bias.requires_grad)
     linear.out_features = len(idx)
 
@@ -211,7 +211,7 @@ def _keep_outputs_(linear: nn.Linear, idx: torch.Tensor) -> None:
 @torch.no_grad()
 def _keep_inputs_(linear: nn.Linear, idx: torch.Tensor) -> None:
     idx = idx.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.index_select(1, idx).clone(),
+    linear.weight = nn.Parameter(linear.weight.index_select(1, idx),
                                  requires_grad=linear.weight.requires_grad)
     linear.in_features = len(idx)
 
