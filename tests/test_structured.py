@@ -157,7 +157,8 @@ def test_achieved_ratio_is_within_one_point(model_type, structure, ratio):
 
 def test_gqa_group_unit_removes_kv_heads_with_their_query_heads():
     lm = make_tiny("qwen2", **GQA, num_hidden_layers=3, intermediate_size=256)
-    plan = prune_structured_(lm, make_pruner("flap", ratio=0.3, head_unit="group", structure="uniform"), ids())
+    pruner = make_pruner("flap", ratio=0.3, head_unit="group", structure="uniform")
+    plan = prune_structured_(lm, pruner, ids())
     assert plan.kv_heads_per_layer == [1, 1, 1]  # round(0.3 * 2 groups) = 1 group per layer
     for layer, lp, h, kv in zip(lm.adapter.layers(), plan.layers, plan.heads_per_layer,
                                 plan.kv_heads_per_layer, strict=True):
