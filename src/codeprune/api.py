@@ -129,7 +129,7 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
         decoder_dense = decoder_param_count(lm.adapter)
         if efficiency:
             dense_speed = _batch1_speed(lm, dev, offload)
-    uses_data = pruner.needs_calibration or getattr(pruner.config, "compensation", False)
+    uses_data = getattr(pruner, "uses_calibration", pruner.needs_calibration)
     start = time.perf_counter()
     with energy_tracker() as energy:
         ids = calib_set.input_ids if uses_data else None
@@ -291,10 +291,13 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     if vllm:
         if isinstance(model, LoadedModel):
             raise ConfigError("--backend vllm loads the model itself: give a folder, alias or hub id")
-        config_file = Path(str(model)).expanduser() / "config.json"
-        if config_file.is_file():
-            config = json.loads(config_file.read_text())
-            if config.get("per_layer_config") or config.get("codeprune_extra_bias"):
+        folder = Path(str(model)).expanduser()
+        if (folder / "config.json").is_file():
+            from transformers import AutoConfig
+
+            from .structure import needs_modeling_file
+
+            if needs_modeling_file(AutoConfig.from_pretrained(folder)):
                 raise ConfigError(f"{model} has per-layer sizes or extra biases (modeling_codeprune.py), "
                                   "which vLLM cannot serve: use --backend hf")
         efficiency = False  # measured on the HF copy, it would not describe vLLM's serving

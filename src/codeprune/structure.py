@@ -114,16 +114,7 @@ class StructurePlan:
             needed.append("o_proj")
         if any(lp.down_bias is not None for lp in self.layers):
             needed.append("down_proj")
-        flags, gain, extra = {}, set(), []
-        for name in needed:
-            flag = next((f for f, members in adapter.bias_flags.items() if name in members), None)
-            if flag is not None:
-                flags[flag] = True
-                gain.update(adapter.bias_flags[flag])
-            else:
-                gain.add(name)
-                extra.append(name)
-        return flags, gain, extra
+        return bias_storage(adapter, needed)
 
     def validate(self, adapter: DecoderAdapter, skip: set[int] = frozenset()) -> None:
         """Raise ConfigError unless the plan gives a valid model (GQA rules, one unit kept per
@@ -180,6 +171,21 @@ class StructurePlan:
     def describe(self) -> dict:
         return {"heads_per_layer": self.heads_per_layer, "kv_heads_per_layer": self.kv_heads_per_layer,
                 "ffn_per_layer": self.ffn_per_layer, "uniform": self.is_uniform}
+
+
+def bias_storage(adapter: DecoderAdapter, needed: list[str]) -> tuple[dict[str, bool], set[str], list[str]]:
+    """For sublayers ``needed`` a bias: ({config flag: True}, sublayers that gain a bias in
+    every layer, sublayers only the modeling file's ``codeprune_extra_bias`` can give one)."""
+    flags, gain, extra = {}, set(), []
+    for name in needed:
+        flag = next((f for f, members in adapter.bias_flags.items() if name in members), None)
+        if flag is not None:
+            flags[flag] = True
+            gain.update(adapter.bias_flags[flag])
+        else:
+            gain.add(name)
+            extra.append(name)
+    return flags, gain, extra
 
 
 def decoder_param_count(adapter: DecoderAdapter) -> int:

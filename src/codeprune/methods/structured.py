@@ -44,7 +44,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..stats import ChannelStats
-from ..structure import LayerPlan, StructurePlan, apply_layer_, apply_plan_, decoder_param_count
+from ..structure import (
+    LayerPlan,
+    StructurePlan,
+    apply_layer_,
+    apply_plan_,
+    bias_storage,
+    decoder_param_count,
+)
 
 STRUCTURES = ("uniform", "adaptive")
 HEAD_UNITS = ("auto", "query", "group")
@@ -79,6 +86,11 @@ class StructuredPruner(ABC):
 
     def __init__(self, config: StructuredConfig):
         self.config = config
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Scores from data, or compensation means (even magnitude-sp needs data for those)."""
+        return self.needs_calibration or self.config.compensation
 
     @abstractmethod
     def channel_scores(self, module: str, linears: dict[str, nn.Linear],
@@ -180,17 +192,18 @@ def _contribution(W: torch.Tensor, mean: torch.Tensor, cols: list[int]) -> torch
 
 # -- structure search ---------------------------------------------------------------
 
-def _dummy_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool) -> StructurePlan:
-    """A plan with the given removal counts (which units does not matter for the count)."""
+def _counting_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool) -> StructurePlan:
+    """A plan with the given removal counts, for ``param_count``: which units go does not
+    change the count, so no scores and no compensation values are computed."""
     a = lm.adapter
     plan = StructurePlan.dense(a)
     for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
         s = a.layer_sizes(layer)
-        n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
-        zeros = LayerScores(torch.zeros(s["heads"]), torch.zeros(s["heads"] * a.head_dim),
-                            torch.zeros(s["intermediate"]),
-                            torch.zeros(s["heads"] * a.head_dim), torch.zeros(s["intermediate"]), n_kv, n_rep)
-        plan.layers[i] = layer_plan(zeros, a.linears(layer), a.head_dim, kind, n_u, n_c, compensation)
+        flat = LayerScores(torch.zeros(s["heads"]), torch.zeros(0), torch.zeros(s["intermediate"]),
+                           None, None, s["kv_heads"], s["heads"] // s["kv_heads"])
+        lp = plan.layers[i] = layer_plan(flat, a.linears(layer), a.head_dim, kind, n_u, n_c, False)
+        if compensation:
+            lp.o_bias = lp.down_bias = torch.zeros(0)  # only their presence counts
     return plan
 
 
@@ -215,7 +228,7 @@ def _correct(lm, counts, cfg, kind) -> list[tuple[int, int]]:
     """Spread the parameters the compensation biases add over the layers' channel counts."""
     a = lm.adapter
     decoder = decoder_param_count(a)
-    planned = _dummy_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
+    planned = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
     excess = planned - round((1 - cfg.ratio) * decoder)  # > 0: remove a little more
     out = []
     for (n_u, n_c), layer in zip(counts, a.layers(), strict=True):
@@ -262,7 +275,7 @@ def _layer_scores(pruner: StructuredPruner, adapter, layer, linears, stats) -> L
         att = att.square()
     head = att.view(s["heads"], adapter.head_dim).mean(1)
     channel = pruner.channel_scores("mlp", linears, d_stats if pruner.needs_calibration else None).float()
-    return LayerScores(head.cpu(), att.cpu(), channel.cpu(),
+    return LayerScores(head, att, channel,
                        o_stats.mean if o_stats is not None else None,
                        d_stats.mean if d_stats is not None else None,
                        s["kv_heads"], s["heads"] // s["kv_heads"])
@@ -280,7 +293,7 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
     done: set[int] = set()
     scores: list[LayerScores | None] = [None] * a.num_layers
     counts = uniform_counts(lm, cfg, kind) if cfg.structure == "uniform" else None
-    gain = _dummy_plan(lm, counts, kind, cfg.compensation).new_biases(a)[1] if counts else set()
+    gain = bias_storage(a, ["o_proj", "down_proj"] if cfg.compensation else [])[1]
 
     def make_stats(name, linear):
         return ChannelStats(moments=True) if name in ("o_proj", "down_proj") else None
@@ -294,7 +307,7 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
         apply_layer_(a, layer, plan.layers[i], gain)
         done.add(i)
 
-    if pruner.needs_calibration or cfg.compensation:
+    if pruner.uses_calibration:
         if input_ids is None:
             raise ConfigError(f"method '{pruner.name}' needs calibration data")
         calibrate_layers(lm, input_ids, make_stats=make_stats, on_layer=on_layer, device=device,
@@ -304,12 +317,11 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
             on_layer(i, layer, a.linears(layer), {})
     if counts is None:
         counts = adaptive_counts(lm, scores, cfg, kind)
-        plan = _build(lm, scores, counts, kind, cfg)
         desired = round((1 - cfg.ratio) * decoder_param_count(a))
-        excess = plan.param_count(lm)["decoder"] - desired
+        excess = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"] - desired
         if excess > 0:  # the compensation biases: remove that much more
             counts = adaptive_counts(lm, scores, cfg, kind, budget_shift=excess)
-            plan = _build(lm, scores, counts, kind, cfg)
+        plan = _build(lm, scores, counts, kind, cfg)
     plan.notes.append(f"head unit: {kind}")
     plan.planned_params = plan.param_count(lm)  # before the remaining surgery
     apply_plan_(lm, plan, layers_done=done)

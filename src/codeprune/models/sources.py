@@ -354,9 +354,11 @@ def _from_pretrained(where: str, kind: str, name: str, dtype: torch.dtype):
             f"a folder or a .gguf file, and the hub could not provide it ({_first_line(e)})"
         ) from e
     check_supported(config)  # fail before reading gigabytes of weights
+    from ..structure import needs_modeling_file
+
     loader = AutoModelForCausalLM
-    if getattr(config, "is_heterogeneous", False) or getattr(config, "codeprune_extra_bias", None):
-        from .pruned_modeling import model_class  # a structurally pruned checkpoint (per-layer sizes)
+    if needs_modeling_file(config):  # a structurally pruned checkpoint (per-layer sizes, extra biases)
+        from .pruned_modeling import model_class
 
         loader = model_class(config.model_type)
     try:
