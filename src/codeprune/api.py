@@ -88,10 +88,12 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     Unstructured / N:M methods (magnitude, wanda, sparsegpt): ``sparsity`` (default
     0.5) applies per Linear of every decoder layer (embeddings and lm_head are
     kept); ``pattern`` is "unstructured" or "N:M". Structured methods (flap,
-    wanda-sp, magnitude-sp): ``ratio`` (default 0.2) is the fraction of
+    wanda-sp, magnitude-sp, taylor): ``ratio`` (default 0.2) is the fraction of
     decoder-layer parameters removed, by cutting attention heads and FFN channels;
     ``structure`` ("uniform" / "adaptive"), ``compensation``, ``metric`` (flap),
-    ``head_unit`` and ``attn_square`` go to the method (methods/structured.py).
+    ``head_unit``, ``attn_square``, ``scope`` (layers pruned, as fractions of depth)
+    and, for taylor, ``importance``, ``aggregation`` and ``checkpointing`` go to the
+    method (methods/structured.py, methods/taylor.py).
     Calibration uses ``samples`` windows of ``seq_len`` tokens from the calibration
     split of ``calib``; with ``eval_ppl`` the dense and pruned models are scored on
     ``eval_windows`` windows of its held-out split. With ``efficiency`` the report
@@ -222,7 +224,13 @@ def _structured_fields(lm, pruner, plan, decoder_dense: int, params_dense: int) 
         notes.append(f"{lm.model.config.model_type} has no config flag for the compensation biases "
                      f"({', '.join(lm.model.config.codeprune_extra_bias)}): load with trust_remote_code=True "
                      "or codeprune.load (plain from_pretrained drops them)")
-    return {
+    fields = {}
+    grads = getattr(pruner, "gradients", None)
+    if grads is not None:
+        fields["gradient_pass"] = {"samples": grads.samples, "seconds": grads.seconds, "loss": grads.loss,
+                                   "peak_cuda_mb": grads.peak_memory_mb,
+                                   "checkpointing": pruner.config.checkpointing}
+    return fields | {
         "pruning": "structured",
         "structure": pruner.config.structure,
         "compensation": pruner.config.compensation,

@@ -3,6 +3,9 @@
     codeprune models [--install NAME]
     codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
     codeprune prune --model smollm2-135m --method flap --ratio 0.2 --out runs/flap20
+    codeprune prune --model smollm2-135m --method taylor --importance element1 --ratio 0.2 --out runs/t20
+    codeprune instructions --from python:src/ --out data/instr.jsonl
+    codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
     codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval
     codeprune sweep --model smollm2-135m --calib-langs python,java --out runs/langs
     codeprune compare runs/langs/*
@@ -52,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save a checkpoint + report")
     _add_common(p)
     p.add_argument("--method", default="wanda", choices=sorted(METHODS),
-                   help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, magnitude-sp")
+                   help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, magnitude-sp, "
+                        "taylor")
     p.add_argument("--sparsity", type=float,
                    help="unstructured: fraction of weights removed per Linear (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
-    s = p.add_argument_group("structured methods (flap, wanda-sp, magnitude-sp)")
+    s = p.add_argument_group("structured methods (flap, wanda-sp, magnitude-sp, taylor)")
     s.add_argument("--ratio", type=float,
                    help="fraction of decoder-layer parameters removed (default 0.2); the report also "
                         "gives the fraction of all parameters")
@@ -72,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "a whole KV group (group)")
     s.add_argument("--attn-square", action="store_true", default=None,
                    help="square the head score, as FLAP's public code")
+    s.add_argument("--scope", metavar="START:END",
+                   help="layers pruned, as fractions of depth (default 0:1; taylor 0.1:0.9)")
+    t = p.add_argument_group("taylor (LLM-Pruner)")
+    t.add_argument("--importance", choices=["element1", "element2", "vector", "l2", "random"],
+                   help="element1 |W*g| (default), element2 (+ Fisher term), vector, or the baselines "
+                        "l2 and random")
+    t.add_argument("--aggregation", choices=["sum", "mean", "max", "prod"],
+                   help="how a group combines its members' importances (default sum)")
+    t.add_argument("--no-checkpointing", dest="checkpointing", action="store_false", default=None,
+                   help="keep every layer's activations in the gradient pass (faster, more memory)")
     p.add_argument("--calib", default="python-stdlib",
                    help="python-stdlib, LANG:DIR, FILE.txt, FILE.jsonl or hf:NAME[:CONFIG]:SPLIT:FIELD")
     p.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
@@ -176,7 +190,9 @@ def cmd_prune(args) -> int:
     from .api import prune
 
     structured = {"structure": args.structure, "metric": args.metric, "compensation": args.compensation,
-                  "head_unit": args.head_unit, "attn_square": args.attn_square}
+                  "head_unit": args.head_unit, "attn_square": args.attn_square, "scope": args.scope,
+                  "importance": args.importance, "aggregation": args.aggregation,
+                  "checkpointing": args.checkpointing}
     result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, ratio=args.ratio,
                    **structured, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                    text_field=args.text_field, device=args.device, offload=args.offload,

@@ -39,6 +39,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _scope(r: dict) -> str | None:
+    scope = (r.get("method_options") or {}).get("scope")
+    return None if scope is None else f"{scope[0]:g}:{scope[1]:g} of depth"
+
+
 def render_markdown(report: dict) -> str:
     """A short human-readable report of one pruning run."""
     r = report
@@ -53,6 +58,9 @@ def render_markdown(report: dict) -> str:
         ("dense parameters", r.get("params_dense") if r.get("pruning") == "structured" else None),
         ("parameters", r.get("params_total")), ("non-zero parameters", r.get("params_nonzero")),
         ("perplexity dense", r.get("ppl_dense")), ("perplexity pruned", r.get("ppl_pruned")),
+        ("importance", (r.get("method_options") or {}).get("importance")),
+        ("layer scope", _scope(r)),
+        ("gradient pass (s)", (r.get("gradient_pass") or {}).get("seconds")),
         ("pruning time (s)", r.get("seconds_prune")), ("peak RSS (MB)", r.get("peak_rss_mb")),
         ("device", r.get("device")), ("checkpoint loads with", _EXPORT.get(r.get("export"))),
     ]

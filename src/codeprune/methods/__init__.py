@@ -2,7 +2,7 @@
 (``Pruner``, methods/base.py) and structured ones (``StructuredPruner``,
 methods/structured.py; they set ``structured = True``)."""
 
-from . import flap, magnitude, sparsegpt, wanda  # noqa: F401  (registration)
+from . import flap, magnitude, sparsegpt, taylor, wanda  # noqa: F401  (registration)
 from .base import METHODS, PruneConfig, Pruner, make_pruner, parse_pattern, register
 
 

@@ -55,6 +55,47 @@ from ..structure import (
 
 STRUCTURES = ("uniform", "adaptive")
 HEAD_UNITS = ("auto", "query", "group")
+AGGREGATIONS = ("sum", "mean", "max", "prod")
+
+
+def parse_scope(scope) -> tuple[float, float]:
+    """``"0.1:0.9"`` or (0.1, 0.9) -> (start, end) fractions of depth; ConfigError otherwise."""
+    if isinstance(scope, str):
+        parts = scope.split(":")
+        try:
+            scope = tuple(float(p) for p in parts)
+        except ValueError:
+            scope = ()
+        if len(parts) != 2:
+            scope = ()
+    if (not isinstance(scope, (tuple, list)) or len(scope) != 2
+            or not all(isinstance(x, (int, float)) for x in scope) or not 0 <= scope[0] < scope[1] <= 1):
+        raise ConfigError(f"bad layer scope {scope!r}: give START:END as fractions of depth with "
+                          "0 <= START < END <= 1, e.g. 0.1:0.9")
+    return float(scope[0]), float(scope[1])
+
+
+def scope_layers(scope: tuple[float, float], n_layers: int) -> list[int]:
+    """Indices of the layers a method may prune: round(start * L) <= i < round(end * L)
+    (LLM-Pruner keeps the first and last layers whole)."""
+    first, last = round(scope[0] * n_layers), round(scope[1] * n_layers)
+    if last <= first:
+        raise ConfigError(f"layer scope {scope[0]}:{scope[1]} selects no layer of {n_layers}")
+    return list(range(first, last))
+
+
+def aggregate(members: torch.Tensor, agg: str) -> torch.Tensor:
+    """Combine member importances stacked on dim 0 (LLM-Pruner's group reduction)."""
+    members = members.double()
+    if agg == "sum":
+        return members.sum(0)
+    if agg == "mean":
+        return members.mean(0)
+    if agg == "max":
+        return members.amax(0)
+    if agg == "prod":
+        return members.prod(0)
+    raise ConfigError(f"unknown aggregation '{agg}': choose {', '.join(AGGREGATIONS)}")
 
 
 @dataclass
@@ -66,8 +107,10 @@ class StructuredConfig:
     compensation: bool = False  # add the removed inputs' mean contribution as a bias
     head_unit: str = "auto"  # query, group, or auto (query under GQA, group otherwise)
     attn_square: bool = False  # square the head score (FLAP's public code)
+    scope: tuple[float, float] | str = (0.0, 1.0)  # layers pruned, as fractions of depth
 
     def __post_init__(self) -> None:
+        self.scope = parse_scope(self.scope)
         if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
             raise ConfigError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.structure not in STRUCTURES:
@@ -83,6 +126,13 @@ class StructuredPruner(ABC):
     config_class: ClassVar[type[StructuredConfig]] = StructuredConfig
     needs_calibration: ClassVar[bool] = True
     structured: ClassVar[bool] = True
+    whole_model: ClassVar[bool] = False  # True: ``model_scores`` scores every layer at once
+
+    def model_scores(self, lm, input_ids: torch.Tensor | None, *, device,
+                     layers: list[int]) -> list[LayerScores]:
+        """Scores of every layer of the dense model (methods with ``whole_model``; the layers
+        outside ``layers`` are never pruned and may get placeholder scores)."""
+        raise TypeError(f"{type(self).__name__} scores layer by layer (channel_scores)")
 
     def __init__(self, config: StructuredConfig):
         self.config = config
@@ -113,6 +163,9 @@ class LayerScores:
     down_mean: torch.Tensor | None  # (intermediate,)
     n_kv: int
     n_rep: int
+    kv: torch.Tensor | None = None  # (kv heads,) importance of the k/v rows, when the method scores them
+    agg: str = "mean"  # how a unit combines its heads' (and KV head's) scores
+    standardise: bool = True  # False: scores share one scale across layers (Taylor's loss estimates)
 
 
 def _z(x: torch.Tensor) -> torch.Tensor:
@@ -132,18 +185,23 @@ def head_unit_kind(cfg: StructuredConfig, n_rep: int) -> str:
     return cfg.head_unit
 
 
-def attention_units(head_score: torch.Tensor, n_kv: int, n_rep: int, kind: str):
-    """[(score, query heads, kv heads)] ascending by score (the first ones go first)."""
+def attention_units(head_score: torch.Tensor, n_kv: int, n_rep: int, kind: str,
+                    kv: torch.Tensor | None = None, agg: str = "mean"):
+    """[(score, query heads, kv heads)] ascending by score (the first ones go first).
+
+    A unit's score combines (``agg``) the scores of its query heads and, for a whole
+    KV group with ``kv`` given, the KV head's score."""
     per_group = head_score.view(n_kv, n_rep)
     units = []
     if kind == "query":
         order = per_group.argsort(dim=1, stable=True)  # weakest first in each group
         for r in range(n_rep):
             heads = [g * n_rep + int(order[g, r]) for g in range(n_kv)]
-            units.append((float(head_score[heads].mean()), heads, [], r))
+            units.append((float(aggregate(head_score[heads], agg)), heads, [], r))
     else:
         for g in range(n_kv):
-            units.append((float(per_group[g].mean()), list(range(g * n_rep, (g + 1) * n_rep)), [g], 0))
+            members = per_group[g] if kv is None else torch.cat([per_group[g].double(), kv[g:g + 1].double()])
+            units.append((float(aggregate(members, agg)), list(range(g * n_rep, (g + 1) * n_rep)), [g], 0))
     units.sort(key=lambda u: (u[0], u[3]))
     return [u[:3] for u in units]
 
@@ -164,7 +222,7 @@ def unit_weights(linears: dict[str, nn.Linear], head_dim: int, n_kv: int, n_rep:
 def layer_plan(scores: LayerScores, linears: dict[str, nn.Linear], head_dim: int, kind: str,
                n_units: int, n_channels: int, compensation: bool) -> LayerPlan:
     """Remove the ``n_units`` weakest attention units and ``n_channels`` weakest channels."""
-    units = attention_units(scores.head, scores.n_kv, scores.n_rep, kind)
+    units = attention_units(scores.head, scores.n_kv, scores.n_rep, kind, scores.kv, scores.agg)
     gone_q = {h for _, q, _ in units[:n_units] for h in q}
     gone_kv = {g for _, _, kv in units[:n_units] for g in kv}
     n_heads, n_ff = scores.head.numel(), scores.channel.numel()
@@ -208,50 +266,77 @@ def _counting_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: b
 
 
 def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]]:
-    """(attention units, channels) removed per layer so that every layer loses ``ratio`` of
-    its parameters (heads by the same share, FFN channels making up the rest)."""
+    """(attention units, channels) removed per layer so that every layer in the scope loses
+    the same share of its parameters (heads by that share, FFN channels making up the rest),
+    ``ratio`` of the decoder's parameters in all; layers outside the scope lose nothing."""
     a = lm.adapter
+    in_scope = set(scope_layers(cfg.scope, a.num_layers))
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in a.layers()]
+    share = cfg.ratio * sum(sizes) / sum(sizes[i] for i in in_scope)
+    if share >= 0.95:
+        raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove {share:.0%} of every layer in "
+                          f"the scope {cfg.scope[0]}:{cfg.scope[1]}: lower the ratio or widen the scope")
     counts = []
-    for layer in a.layers():
+    for i, layer in enumerate(a.layers()):
+        if i not in in_scope:
+            counts.append((0, 0))
+            continue
         s = a.layer_sizes(layer)
         n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
         n_units = n_rep if kind == "query" else n_kv
         w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, n_kv, n_rep, kind)
-        target = cfg.ratio * sum(p.numel() for p in layer.parameters())
-        n_u = min(max(round(cfg.ratio * n_units), 0), n_units - 1)
+        target = share * sizes[i]
+        n_u = min(max(round(share * n_units), 0), n_units - 1)
         n_c = min(max(round((target - n_u * w_unit) / w_ch), 0), s["intermediate"] - 1)
         counts.append((n_u, n_c))
-    return _correct(lm, counts, cfg, kind)
+    return _correct(lm, counts, cfg, kind, in_scope)
 
 
-def _correct(lm, counts, cfg, kind) -> list[tuple[int, int]]:
-    """Spread the parameters the compensation biases add over the layers' channel counts."""
+def _correct(lm, counts, cfg, kind, in_scope: set[int]) -> list[tuple[int, int]]:
+    """Spread the parameters the compensation biases add (and rounding) over the channel
+    counts of the layers in the scope."""
     a = lm.adapter
     decoder = decoder_param_count(a)
     planned = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
     excess = planned - round((1 - cfg.ratio) * decoder)  # > 0: remove a little more
     out = []
-    for (n_u, n_c), layer in zip(counts, a.layers(), strict=True):
+    for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
+        if i not in in_scope:
+            out.append((n_u, n_c))
+            continue
         s = a.layer_sizes(layer)
         w_ch = unit_weights(a.linears(layer), a.head_dim, s["kv_heads"], s["heads"] // s["kv_heads"], kind)[1]
-        extra = round(excess / len(counts) / w_ch)
+        extra = round(excess / len(in_scope) / w_ch)
         out.append((n_u, min(max(n_c + extra, 0), s["intermediate"] - 1)))
     return out
 
 
 def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: str,
                     budget_shift: int = 0) -> list[tuple[int, int]]:
-    """AL-AM: pool the standardised unit scores of every layer and remove the weakest until
-    ``ratio`` of the decoder parameters (plus ``budget_shift``) is gone."""
+    """AL-AM: pool the unit scores of every layer in the scope and remove the weakest until
+    ``ratio`` of the decoder parameters (plus ``budget_shift``) is gone.
+
+    Scores on per-layer scales (FLAP's fluctuation) are standardised within each layer
+    and module first; scores on one scale across the model (``standardise=False``,
+    Taylor's loss estimates) are compared raw, per parameter removed."""
     a = lm.adapter
+    in_scope = set(scope_layers(cfg.scope, a.num_layers))
     pool = []  # (score, weight, layer, "attn" | "mlp")
     for i, (layer, sc) in enumerate(zip(a.layers(), scores, strict=True)):
+        if i not in in_scope:
+            continue
         w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, sc.n_kv, sc.n_rep, kind)
-        head_z = _z(sc.head_channels).view(len(sc.head), -1).mean(1)  # FLAP: standardise channels, then mean
-        units = attention_units(head_z, sc.n_kv, sc.n_rep, kind)
-        pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
-        z = _z(sc.channel).sort().values
-        pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
+        if sc.standardise:
+            head_z = _z(sc.head_channels).view(len(sc.head), -1).mean(1)  # FLAP: standardise, then mean
+            units = attention_units(head_z, sc.n_kv, sc.n_rep, kind)
+            pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
+            z = _z(sc.channel).sort().values
+            pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
+        else:
+            units = attention_units(sc.head, sc.n_kv, sc.n_rep, kind, sc.kv, sc.agg)
+            pool += [(u[0] / w_unit, w_unit, i, "attn") for u in units[:-1]]
+            per_param = (sc.channel.double() / w_ch).sort().values
+            pool += [(float(v), w_ch, i, "mlp") for v in per_param[:-1].tolist()]
     pool.sort(key=lambda p: p[0])
     target = cfg.ratio * decoder_param_count(a) + budget_shift
     removed, counts = 0, [[0, 0] for _ in scores]
@@ -307,7 +392,15 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
         apply_layer_(a, layer, plan.layers[i], gain)
         done.add(i)
 
-    if pruner.uses_calibration:
+    if pruner.whole_model:  # scores of the dense model from one pass over all layers (gradients)
+        if offload:
+            raise ConfigError(f"'{pruner.name}' back-propagates through the whole model, which must fit "
+                              "on the device: drop --offload")
+        if pruner.uses_calibration and input_ids is None:
+            raise ConfigError(f"method '{pruner.name}' needs calibration data")
+        scores = pruner.model_scores(lm, input_ids, device=device,
+                                     layers=scope_layers(cfg.scope, a.num_layers))
+    elif pruner.uses_calibration:
         if input_ids is None:
             raise ConfigError(f"method '{pruner.name}' needs calibration data")
         calibrate_layers(lm, input_ids, make_stats=make_stats, on_layer=on_layer, device=device,
@@ -315,7 +408,9 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
     else:
         for i, layer in enumerate(a.layers()):
             on_layer(i, layer, a.linears(layer), {})
-    if counts is None:
+    if pruner.whole_model and counts is not None:
+        plan = _build(lm, scores, counts, kind, cfg)
+    elif counts is None:
         counts = adaptive_counts(lm, scores, cfg, kind)
         desired = round((1 - cfg.ratio) * decoder_param_count(a))
         excess = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"] - desired
@@ -323,6 +418,10 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
             counts = adaptive_counts(lm, scores, cfg, kind, budget_shift=excess)
         plan = _build(lm, scores, counts, kind, cfg)
     plan.notes.append(f"head unit: {kind}")
+    if cfg.scope != (0.0, 1.0):
+        layers = scope_layers(cfg.scope, a.num_layers)
+        plan.notes.append(f"layer scope {cfg.scope[0]:g}:{cfg.scope[1]:g}: layers {layers[0]}-{layers[-1]} "
+                          f"of 0-{a.num_layers - 1} pruned")
     plan.planned_params = plan.param_count(lm)  # before the remaining surgery
     apply_plan_(lm, plan, layers_done=done)
     return plan
