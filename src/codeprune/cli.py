@@ -45,6 +45,7 @@ def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS, SPARSE_METHODS
+    from .recover import LORA_TARGETS
 
     parser = _Parser(prog="codeprune", description="Prune code LLMs and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save a checkpoint + report")
     _add_common(p)
     p.add_argument("--method", default="wanda", choices=sorted(METHODS),
-                   help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, magnitude-sp, "
-                        "taylor")
+                   help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, "
+                        "magnitude-sp, taylor")
     p.add_argument("--sparsity", type=float,
                    help="unstructured: fraction of weights removed per Linear (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
@@ -151,6 +152,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output folder (default: compare/ beside the runs)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not ours")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    v = sub.add_parser("recover", help="LoRA recovery on instruction data, merged into a plain checkpoint")
+    v.add_argument("--model", required=True, help="the pruned checkpoint (folder), alias or hub id")
+    v.add_argument("--data", required=True,
+                   help="instruction data: FILE.jsonl (instruction/input/output or messages) or "
+                        "hf:NAME[:CONFIG]:SPLIT")
+    v.add_argument("--out", required=True, help="output folder (merged checkpoint, adapter/, report)")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    v.add_argument("--lora-r", type=int, default=8)
+    v.add_argument("--lora-alpha", type=int, default=16)
+    v.add_argument("--lora-dropout", type=float, default=0.05)
+    v.add_argument("--targets", default=",".join(LORA_TARGETS), help="projections given LoRA adapters")
+    v.add_argument("--epochs", type=float, default=2.0)
+    v.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    v.add_argument("--lr", type=float, default=1e-4)
+    v.add_argument("--batch-size", type=int, default=4, help="examples per device per step")
+    v.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps")
+    v.add_argument("--seq-len", type=int, default=512, help="tokens per example (longer ones are cut)")
+    v.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="held-out share of the examples (a 'split' field in the data wins)")
+    v.add_argument("--eval-steps", type=int, help="steps between evaluations (default: 5 per run)")
+    v.add_argument("--save-steps", type=int, help="steps between checkpoints (default: --eval-steps)")
+    v.add_argument("--keep-mask", choices=["auto", "always", "never"], default="auto",
+                   help="restore the zeros of sparse Linears after the merge (auto: those >= 1%% zeros)")
+    v.add_argument("--eval-data", default="python-stdlib",
+                   help="source whose held-out split gives perplexity before/after ('none' to skip)")
+    v.add_argument("--eval-windows", type=int, default=16)
+    v.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.checkpoints/ after success")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    v.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    n = sub.add_parser("instructions", help="instruction pairs (docstring -> body) from a codebase")
+    n.add_argument("--from", dest="source", required=True, metavar="LANG:DIR", help="e.g. python:src/")
+    n.add_argument("--out", required=True, help="output .jsonl (instruction/input/output/source/split)")
+    n.add_argument("--eval-fraction", type=float, default=0.05, help="share of files held out (by hash)")
+    n.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     r = sub.add_parser("report", help="one table (Markdown, JSON) and plots over many runs")
     r.add_argument("runs", nargs="+", help="run folders (with report.json)")
@@ -281,10 +320,44 @@ def cmd_report(args) -> int:
     return _many_runs(args, "report")
 
 
+def cmd_recover(args) -> int:
+    from .recover import RecoverConfig, recover, render_recover_markdown
+
+    cfg = RecoverConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
+                        eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
+                        keep_mask=args.keep_mask)
+    if args.eval_windows < 1:
+        raise ConfigError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    res = recover(args.model, args.data, out=args.out, config=cfg, device=args.device, dtype=args.dtype,
+                  eval_ppl=None if args.eval_data == "none" else args.eval_data,
+                  eval_windows=args.eval_windows, keep_checkpoints=args.keep_checkpoints,
+                  overwrite=args.overwrite)
+    if res.out is None:  # not the main process of a distributed run
+        return 0
+    print(json.dumps(res.report, indent=2) if args.json else render_recover_markdown(res.report))
+    print(f"saved to {res.out}")
+    return 0
+
+
+def cmd_instructions(args) -> int:
+    from .data.instructions import build_instructions, write_jsonl
+
+    records, summary = build_instructions(args.source, eval_fraction=args.eval_fraction)
+    path = write_jsonl(records, args.out, overwrite=args.overwrite)
+    print(f"{summary['pairs']} pairs ({summary['train']} train, {summary['eval']} eval) from "
+          f"{summary['files']} files; {summary['test_files_skipped']} test files skipped, "
+          f"{summary['duplicates']} duplicates dropped -> {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"models": cmd_models, "prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep,
-               "compare": cmd_compare, "report": cmd_report}[args.command]
+               "compare": cmd_compare, "report": cmd_report, "recover": cmd_recover,
+               "instructions": cmd_instructions}[args.command]
     try:
         return handler(args)
     except CodepruneError as e:

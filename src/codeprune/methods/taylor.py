@@ -232,8 +232,9 @@ class TaylorPruner(StructuredPruner):
             s = a.layer_sizes(layer)
             n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
             if i not in layers:  # never pruned: placeholder scores
-                scores.append(LayerScores(torch.zeros(s["heads"]), torch.zeros(0), torch.zeros(s["intermediate"]),
-                                          None, None, n_kv, n_rep, torch.zeros(n_kv), cfg.aggregation, False))
+                scores.append(LayerScores(torch.zeros(s["heads"]), torch.zeros(0),
+                                          torch.zeros(s["intermediate"]), None, None, n_kv, n_rep,
+                                          torch.zeros(n_kv), cfg.aggregation, False))
                 continue
             if cfg.importance == "random":
                 head, kv, channel = (torch.rand(n, generator=generator, dtype=torch.float64)

@@ -1,0 +1,7 @@
+"""``python -m codeprune`` (and ``accelerate launch -m codeprune recover ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,277 @@
+"""Instruction data for recovery (``codeprune recover``) and a builder from a codebase.
+
+Formats read by ``read_instructions`` (each example becomes a list of chat messages):
+
+    FILE.jsonl   one JSON object a line, either Alpaca style
+                     {"instruction": ..., "input": ... (optional), "output": ...}
+                 or chat style
+                     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+                 An optional "split" field ("train" / "eval") pins the example to a split.
+    hf:NAME[:CONFIG]:SPLIT   a Hugging Face dataset with those fields (codeprune[hf]),
+                 e.g. hf:sahil2801/CodeAlpaca-20k:train
+
+``build_instructions("python:DIR")`` (``codeprune instructions --from python:DIR``)
+turns a codebase into Alpaca-style pairs: for every function or method with a
+docstring, the docstring is the instruction, the signature the input, and the
+body (without the docstring, re-indented to 4 spaces, as HumanEval completions
+are) the output. Test files (test_*.py, *_test.py, conftest.py, and anything
+under test/ or tests/) are skipped; pairs are deduplicated on their normalised
+text; the split is by file (a hash of the file path), so no file feeds both the
+training and the evaluation split. Python is read with the standard ``ast``
+parser; other languages are refused (a regex over braces is not reliable, and
+no parser is a dependency of codeprune).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, CorpusError
+
+ROLES = ("system", "user", "assistant")
+EVAL_FRACTION = 0.05
+MIN_DOCSTRING_CHARS = 12
+MIN_BODY_LINES = 1
+
+
+@dataclass
+class Example:
+    """One training example: chat messages, a stable id, and the split it is pinned to (or None)."""
+
+    messages: list[dict]
+    id: str
+    split: str | None = None
+
+
+@dataclass
+class InstructionSet:
+    spec: str
+    examples: list[Example]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def split(self, eval_fraction: float = EVAL_FRACTION) -> tuple[list[Example], list[Example]]:
+        """(train, eval): a pinned "split" wins; otherwise an example is held out when the hash
+        of its id falls under ``eval_fraction``; at least one example is held out."""
+        train, held = [], []
+        for ex in self.examples:
+            pinned = ex.split
+            if pinned is None:
+                pinned = "eval" if _unit_hash(ex.id) < eval_fraction else "train"
+            (held if pinned == "eval" else train).append(ex)
+        if not held and len(train) > 1:
+            train.sort(key=lambda e: _unit_hash(e.id))
+            held = [train.pop(0)]
+        if not train:
+            raise CorpusError(f"{self.spec}: no training example left after the evaluation split")
+        return train, held
+
+
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def to_messages(row: dict, where: str) -> list[dict]:
+    """An Alpaca or chat row as chat messages; CorpusError naming ``where`` otherwise."""
+    if "messages" in row:
+        msgs = row["messages"]
+        valid = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in msgs)
+        if not valid:
+            raise CorpusError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, "
+                              "content: str}}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise CorpusError(f"{where}: no assistant message (nothing to learn)")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+        prompt = row["instruction"]
+        if isinstance(row.get("input"), str) and row["input"].strip():
+            prompt += "\n\n" + row["input"]
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    raise CorpusError(f"{where}: expected instruction/output (Alpaca) or messages (chat) fields, "
+                      f"got {', '.join(sorted(row)) or 'none'}")
+
+
+def read_instructions(spec: str) -> InstructionSet:
+    """Read an instruction set (see the module docstring); CorpusError when missing or empty."""
+    if not spec or not spec.strip():
+        raise ConfigError("no instruction data: give --data FILE.jsonl or hf:NAME[:CONFIG]:SPLIT")
+    if spec.startswith("hf:"):
+        rows = _read_hf_rows(spec)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CorpusError(f"instruction file not found: {spec}")
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{spec} line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise CorpusError(f"{spec} line {n}: expected a JSON object")
+            rows.append((f"{spec}:{n}", row))
+    examples = []
+    for where, row in rows:
+        split = row.get("split")
+        if split not in (None, "train", "eval"):
+            raise CorpusError(f"{where}: split must be 'train' or 'eval', got {split!r}")
+        examples.append(Example(to_messages(row, where), str(row.get("id", where)), split))
+    if not examples:
+        raise CorpusError(f"instruction data '{spec}' holds no example")
+    return InstructionSet(spec, examples)
+
+
+def _read_hf_rows(spec: str) -> list[tuple[str, dict]]:
+    parts = spec.split(":")[1:]
+    if len(parts) == 2:
+        name, config, split = parts[0], None, parts[1]
+    elif len(parts) == 3:
+        name, config, split = parts
+    else:
+        raise ConfigError(f"bad dataset spec '{spec}': use hf:NAME[:CONFIG]:SPLIT")
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("hf: sources need the datasets package: pip install 'codeprune[hf]'") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, bad split: all user-facing
+        raise CorpusError(f"cannot load dataset {name} ({split}): {str(e).splitlines()[0][:200]}") from e
+    return [(f"{name}:{split}:{i}", dict(row)) for i, row in enumerate(ds)]
+
+
+# -- building pairs from a codebase ----------------------------------------------------
+
+def is_test_file(rel: str) -> bool:
+    parts = Path(rel).parts
+    name = parts[-1]
+    return (any(p in ("test", "tests", "testing") for p in parts[:-1]) or name.startswith("test_")
+            or name.endswith("_test.py") or name == "conftest.py")
+
+
+def python_pairs(source: str, file_id: str) -> list[dict]:
+    """Alpaca records (instruction = docstring, input = signature, output = body) of every
+    documented function and method in ``source``; [] when it does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        body = node.body[1:] if doc is not None else []
+        if doc is None or len(doc) < MIN_DOCSTRING_CHARS or not body:
+            continue
+        if len(body) == 1 and _is_stub(body[0]):
+            continue
+        signature = "\n".join(lines[node.lineno - 1:node.body[0].lineno - 1]).rstrip()
+        signature = _signature(signature)
+        text = "\n".join(lines[body[0].lineno - 1:node.end_lineno])
+        code = textwrap.indent(textwrap.dedent(text), "    ").rstrip() + "\n"
+        if len(code.strip().splitlines()) < MIN_BODY_LINES:
+            continue
+        out.append({"instruction": doc, "input": textwrap.dedent(signature), "output": code,
+                    "source": f"{file_id}:{node.lineno}"})
+    return out
+
+
+def _is_stub(stmt: ast.stmt) -> bool:
+    """``pass``, ``...`` or ``raise NotImplementedError``: nothing to learn from."""
+    if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+        return True
+    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
+
+
+def _signature(text: str) -> str:
+    """The ``def`` line(s), up to the colon that opens the body."""
+    match = re.search(r"^(\s*(?:async\s+)?def\b.*?\)\s*(?:->[^:]+)?:)", text, re.S | re.M)
+    return match.group(1) if match else text.split("\n")[0]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION) -> tuple[list[dict], dict]:
+    """Instruction pairs from a codebase ``LANG:DIR`` (see the module docstring).
+
+    Returns (records, summary): records carry instruction/input/output, "source"
+    (file:line) and "split" (by file)."""
+    from .sources import read_source
+
+    lang = spec.split(":", 1)[0] if ":" in spec else ""
+    if lang != "python":
+        raise ConfigError(f"instructions --from takes python:DIR (got '{spec}'): only Python has a parser "
+                          "codeprune trusts for docstring -> body pairs")
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    corpus = read_source(spec)
+    seen, records = set(), []
+    summary = {"files": 0, "test_files_skipped": 0, "pairs": 0, "duplicates": 0, "skipped": corpus.skipped}
+    for doc in sorted(corpus.documents, key=lambda d: d.id):
+        if is_test_file(doc.id):
+            summary["test_files_skipped"] += 1
+            continue
+        summary["files"] += 1
+        split = "eval" if _unit_hash(doc.id) < eval_fraction else "train"
+        for rec in python_pairs(doc.text, doc.id):
+            key = (_norm(rec["instruction"]), _norm(rec["output"]))
+            if key in seen:
+                summary["duplicates"] += 1
+                continue
+            seen.add(key)
+            records.append({**rec, "split": split})
+    if not records:
+        raise CorpusError(f"{spec}: no documented function found outside test files")
+    if eval_fraction > 0 and not any(r["split"] == "eval" for r in records):
+        first = min({r["source"].rsplit(":", 1)[0] for r in records}, key=_unit_hash)
+        for r in records:  # at least one file held out, still whole files
+            if r["source"].rsplit(":", 1)[0] == first:
+                r["split"] = "eval"
+    if eval_fraction > 0 and all(r["split"] == "eval" for r in records):
+        for r in records:
+            r["split"] = "train"  # a single file: nothing to hold out
+    summary["pairs"] = len(records)
+    summary["train"] = sum(r["split"] == "train" for r in records)
+    summary["eval"] = summary["pairs"] - summary["train"]
+    return records, summary
+
+
+def write_jsonl(records: list[dict], out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``records`` one JSON object a line, atomically."""
+    import os
+    import tempfile
+
+    from ..errors import OutputExistsError
+
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output file {out} exists: pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
