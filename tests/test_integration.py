@@ -122,3 +122,40 @@ def test_adaptive_flap_on_smollm2_reloads_and_generates(structured):
     prompt = ours.tokenizer("def fibonacci(n):", return_tensors="pt")
     out = remote.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+
+
+# -- LLM-Pruner and recovery (issue 5) -----------------------------------------------------
+
+
+def test_taylor_element1_beats_random_at_20_percent(smollm2):
+    opts = dict(OPTS, samples=16, seq_len=128)  # LLM-Pruner's protocol: short windows, few samples
+    ppl = {}
+    for importance in ("element1", "random"):
+        lm = codeprune.load("smollm2-135m")
+        rep = codeprune.prune(lm, "taylor", importance=importance, ratio=0.2, efficiency=False, **opts).report
+        assert abs(rep["ratio_actual_decoder"] - 0.2) < 0.01
+        ppl[importance] = rep["ppl_pruned"]
+    assert rep["ppl_dense"] < ppl["element1"] < ppl["random"], ppl
+
+
+def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs, tmp_path):
+    from pathlib import Path
+
+    from codeprune.data.instructions import build_instructions, write_jsonl
+    from codeprune.recover import RecoverConfig, recover
+
+    src = Path(codeprune.__file__).parent
+    records, _ = build_instructions(f"python:{src}", eval_fraction=0.1)
+    data = write_jsonl(records, tmp_path / "instr.jsonl")
+    res = recover(str(runs["wanda"].out), str(data), out=tmp_path / "rec", device="cpu", eval_windows=4,
+                  ppl_seq_len=256, config=RecoverConfig(max_steps=6, batch_size=4, grad_accum=1, seq_len=256,
+                                                        lr=5e-4))
+    r = res.report
+    assert r["eval_loss_after"] < r["eval_loss_before"], r["loss_curve"]
+    assert r["sparsity_before"] == r["sparsity_after"] == pytest.approx(0.5, abs=1e-3)
+    assert r["data"]["chat_template"] and r["export"] == "plain"
+    pruned = dict(AutoModelForCausalLM.from_pretrained(runs["wanda"].out).named_parameters())
+    merged = dict(AutoModelForCausalLM.from_pretrained(res.out).named_parameters())
+    for name, p in pruned.items():
+        if name.endswith("proj.weight"):
+            assert torch.equal(merged[name] == 0, p == 0), name

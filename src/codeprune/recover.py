@@ -26,10 +26,12 @@ Flow:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,15 +301,16 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                       data_collator=Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
                       callbacks=callbacks)
-    eval_before = trainer.evaluate()["eval_loss"] if eval_set and resume is None else None
-    if eval_before is not None and state.is_main_process:
-        (work / "eval_before.json").write_text(json.dumps({"eval_loss": eval_before}) + "\n")
-    start = time.perf_counter()
-    train_out = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
-    eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
-    adapter_dir = work / "adapter"
-    trainer.save_model(str(adapter_dir))  # gathers DeepSpeed / FSDP shards
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout stays for results
+        eval_before = trainer.evaluate()["eval_loss"] if eval_set and resume is None else None
+        if eval_before is not None and state.is_main_process:
+            (work / "eval_before.json").write_text(json.dumps({"eval_loss": eval_before}) + "\n")
+        start = time.perf_counter()
+        train_out = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - start
+        eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
+        adapter_dir = work / "adapter"
+        trainer.save_model(str(adapter_dir))  # gathers DeepSpeed / FSDP shards
     history = list(trainer.state.log_history)
     state.wait_for_everyone()
     if not state.is_main_process:

@@ -102,6 +102,20 @@ def prunable_parameters(lm, layers: list[int]) -> dict[str, nn.Parameter]:
     return out
 
 
+def _checkpointing(model, on: bool) -> None:
+    """Non-reentrant activation checkpointing on/off (the transformers 5.x name, or the older one)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_order: bool = False,
                   checkpointing: bool = True, device="cpu", input_stats: bool = False) -> GradientPass:
     """Back-propagate the next-token loss of each calibration sample (one at a time) and
@@ -152,7 +166,7 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
                 for name in ("o_proj", "down_proj"):
                     handles.append(lin[name].register_forward_pre_hook(collect(f"{i}.{name}")))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpointing(model, True)
             model.train()  # transformers checkpoints only in training mode (dropout is 0 in these models)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -172,7 +186,7 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
         for h in handles:
             h.remove()
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
