@@ -37,7 +37,7 @@ from codeprune.data.instructions import build_instructions, write_jsonl  # noqa:
 from codeprune.data.sources import python_stdlib_dir  # noqa: E402
 from codeprune.methods import taylor  # noqa: E402
 from codeprune.methods.structured import scope_layers  # noqa: E402
-from codeprune.recover import RecoverConfig, recover  # noqa: E402
+from codeprune.recovery import RecoverConfig, recover  # noqa: E402
 
 
 class PeakRSS:

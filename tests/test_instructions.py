@@ -76,7 +76,8 @@ def test_split_is_by_file(tmp_path):
     root = tmp_path / "many"
     root.mkdir()
     for k in range(40):
-        (root / f"m{k}.py").write_text(f'def f{k}(x):\n    """Return x plus {k}, exactly."""\n    return x + {k}\n')
+        body = f'def f{k}(x):\n    """Return x plus {k}, exactly."""\n    return x + {k}\n'
+        (root / f"m{k}.py").write_text(body)
     records, summary = build_instructions(f"python:{root}", eval_fraction=0.2)
     split_of = {}
     for r in records:

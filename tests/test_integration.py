@@ -142,7 +142,7 @@ def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs,
     from pathlib import Path
 
     from codeprune.data.instructions import build_instructions, write_jsonl
-    from codeprune.recover import RecoverConfig, recover
+    from codeprune.recovery import RecoverConfig, recover
 
     src = Path(codeprune.__file__).parent
     records, _ = build_instructions(f"python:{src}", eval_fraction=0.1)

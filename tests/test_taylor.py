@@ -9,7 +9,13 @@ from codeprune.cli import main
 from codeprune.errors import ConfigError
 from codeprune.export import save_checkpoint
 from codeprune.methods import make_pruner
-from codeprune.methods.structured import aggregate, attention_units, parse_scope, prune_structured_, scope_layers
+from codeprune.methods.structured import (
+    aggregate,
+    attention_units,
+    parse_scope,
+    prune_structured_,
+    scope_layers,
+)
 from codeprune.methods.taylor import gradient_pass
 from codeprune.report import count_parameters
 from codeprune.structure import decoder_param_count, needs_modeling_file
@@ -66,8 +72,10 @@ def by_hand(lm, layer: int, importance: str, agg="sum"):
     def per_head(t):
         return t.reshape(-1, hd).sum(1)
 
-    head = aggregate(torch.stack([per_head(rows("self_attn.q_proj")), per_head(cols("self_attn.o_proj"))]), agg)
-    kv = aggregate(torch.stack([per_head(rows("self_attn.k_proj")), per_head(rows("self_attn.v_proj"))]), agg)
+    head = aggregate(torch.stack([per_head(rows("self_attn.q_proj")), per_head(cols("self_attn.o_proj"))]),
+                     agg)
+    kv = aggregate(torch.stack([per_head(rows("self_attn.k_proj")), per_head(rows("self_attn.v_proj"))]),
+                   agg)
     channel = aggregate(torch.stack([rows("mlp.gate_proj"), rows("mlp.up_proj"), cols("mlp.down_proj")]), agg)
     return head, kv, channel
 
@@ -90,9 +98,10 @@ def test_element1_of_one_channel_is_w_times_grad():
     g, _ = hand_gradients(copy.deepcopy(lm), ids())
     p = dict(lm.model.named_parameters())
     j, pre = 5, "model.layers.1.mlp."
-    expected = sum(float((p[pre + n].detach()[j] * g[pre + n][j]).abs().sum()) for n in ("gate_proj.weight",
-                                                                                        "up_proj.weight"))
-    expected += float((p[pre + "down_proj.weight"].detach()[:, j] * g[pre + "down_proj.weight"][:, j]).abs().sum())
+    rows = ("gate_proj.weight", "up_proj.weight")
+    expected = sum(float((p[pre + n].detach()[j] * g[pre + n][j]).abs().sum()) for n in rows)
+    down = pre + "down_proj.weight"
+    expected += float((p[down].detach()[:, j] * g[down][:, j]).abs().sum())
     scores = make_pruner("taylor", scope=FULL).model_scores(lm, ids(), device="cpu", layers=[0, 1])
     assert float(scores[1].channel[j]) == pytest.approx(expected, rel=1e-4)
 
@@ -153,7 +162,8 @@ def test_removing_a_head_group_removes_its_qkv_rows_and_o_columns():
     hd = lm.adapter.head_dim
     for i, lp in enumerate(plan.layers):
         assert len(lp.q_heads) == 4 * len(lp.kv_heads)  # whole groups
-        new, old = lm.adapter.linears(lm.adapter.layers()[i]), dense.adapter.linears(dense.adapter.layers()[i])
+        new = lm.adapter.linears(lm.adapter.layers()[i])
+        old = dense.adapter.linears(dense.adapter.layers()[i])
         q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in lp.q_heads])
         kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in lp.kv_heads])
         assert torch.equal(new["q_proj"].weight, old["q_proj"].weight[q_rows])

@@ -1,5 +1,5 @@
-"""The Python API: ``load``, ``prune``, ``evaluate``, ``sweep``, ``compare``, ``report``
-(the CLI calls exactly these).
+"""The Python API: ``load``, ``prune``, ``evaluate``, ``sweep``, ``compare``, ``report``,
+``recover``, ``instructions`` (the CLI calls exactly these).
 
     import codeprune
     lm = codeprune.load("smollm2-135m")
@@ -10,6 +10,8 @@
     codeprune.sweep("smollm2-135m", "wanda", calib_langs="python,java", out="runs/langs")
     codeprune.compare(["runs/langs/python", "runs/langs/java"], out="runs/langs/compare")
     codeprune.report(["runs/wanda50", "runs/langs/python"], out="runs/report")
+    codeprune.instructions("python:src/", out="data/instr.jsonl")
+    codeprune.recover("runs/wanda50", "data/instr.jsonl", out="runs/wanda50-rec", epochs=1)
 """
 
 from __future__ import annotations
@@ -374,6 +376,37 @@ def report(runs: list[str | Path], *, out: str | Path | None = None, overwrite: 
     from .analysis import report_runs
 
     return report_runs(runs, out=out, overwrite=overwrite)
+
+
+def recover(model: str, data: str, *, out: str | Path, device: str = "auto", dtype: str = "float32",
+            eval_ppl: str | None = "python-stdlib", eval_windows: int = 16, keep_checkpoints: bool = False,
+            overwrite: bool = False, **options):
+    """LoRA recovery of a pruned checkpoint on instruction ``data``, merged and saved to ``out``;
+    ``options`` are ``RecoverConfig`` fields (lora_r, lora_alpha, lora_dropout, targets, lr,
+    epochs, max_steps, batch_size, grad_accum, seq_len, eval_fraction, eval_steps,
+    save_steps, seed, keep_mask). Returns a ``RecoverResult`` (report, out). See
+    codeprune/recovery.py and docs/recovery.md."""
+    from .recovery import RecoverConfig
+    from .recovery import recover as _recover
+
+    try:
+        config = RecoverConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad recover option: {e}") from None
+    return _recover(model, data, out=out, config=config, device=device, dtype=dtype, eval_ppl=eval_ppl,
+                    eval_windows=eval_windows, keep_checkpoints=keep_checkpoints, overwrite=overwrite)
+
+
+def instructions(source: str, *, out: str | Path | None = None, eval_fraction: float = 0.05,
+                 overwrite: bool = False) -> tuple[list[dict], dict]:
+    """Instruction pairs (docstring -> body) from a codebase ``python:DIR``; written to ``out``
+    (.jsonl) when given. Returns (records, summary). See codeprune/data/instructions.py."""
+    from .data.instructions import build_instructions, write_jsonl
+
+    records, summary = build_instructions(source, eval_fraction=eval_fraction)
+    if out is not None:
+        summary["out"] = str(write_jsonl(records, out, overwrite=overwrite))
+    return records, summary
 
 
 def sweep(model: str | LoadedModel, method: str = "wanda", **kwargs) -> dict:

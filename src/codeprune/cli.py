@@ -45,7 +45,7 @@ def _add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS, SPARSE_METHODS
-    from .recover import LORA_TARGETS
+    from .recovery import LORA_TARGETS
 
     parser = _Parser(prog="codeprune", description="Prune code LLMs and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -321,7 +321,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from .recover import RecoverConfig, recover, render_recover_markdown
+    from .recovery import RecoverConfig, recover, render_recover_markdown
 
     cfg = RecoverConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
