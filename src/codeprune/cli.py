@@ -321,20 +321,21 @@ def cmd_report(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from .recovery import RecoverConfig, recover, render_recover_markdown
+    from .api import recover
+    from .recovery import render_recover_markdown
 
-    cfg = RecoverConfig(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                        grad_accum=args.grad_accum, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
-                        eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
-                        keep_mask=args.keep_mask)
     if args.eval_windows < 1:
         raise ConfigError(f"--eval-windows must be >= 1, got {args.eval_windows}")
-    res = recover(args.model, args.data, out=args.out, config=cfg, device=args.device, dtype=args.dtype,
+    res = recover(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
                   eval_ppl=None if args.eval_data == "none" else args.eval_data,
                   eval_windows=args.eval_windows, keep_checkpoints=args.keep_checkpoints,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                  lora_dropout=args.lora_dropout,
+                  targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), lr=args.lr,
+                  epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                  grad_accum=args.grad_accum, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
+                  eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
+                  keep_mask=args.keep_mask)
     if res.out is None:  # not the main process of a distributed run
         return 0
     print(json.dumps(res.report, indent=2) if args.json else render_recover_markdown(res.report))
@@ -343,13 +344,13 @@ def cmd_recover(args) -> int:
 
 
 def cmd_instructions(args) -> int:
-    from .data.instructions import build_instructions, write_jsonl
+    from .api import instructions
 
-    records, summary = build_instructions(args.source, eval_fraction=args.eval_fraction)
-    path = write_jsonl(records, args.out, overwrite=args.overwrite)
+    _, summary = instructions(args.source, out=args.out, eval_fraction=args.eval_fraction,
+                              overwrite=args.overwrite)
     print(f"{summary['pairs']} pairs ({summary['train']} train, {summary['eval']} eval) from "
           f"{summary['files']} files; {summary['test_files_skipped']} test files skipped, "
-          f"{summary['duplicates']} duplicates dropped -> {path}")
+          f"{summary['duplicates']} duplicates dropped -> {summary['out']}")
     return 0
 
 
