@@ -268,3 +268,19 @@ def test_cli_taylor_and_its_errors(tmp_path, capsys):
     assert report["method_options"]["aggregation"] == "max"
     assert report["gradient_pass"]["samples"] == 4
     assert report["export"] == "plain"
+
+
+@pytest.mark.parametrize("importance, checkpointing", [("element1", True), ("element1", False), ("l2", True)])
+def test_compensation_statistics_come_from_the_forward_passes_only(importance, checkpointing):
+    lm = make_tiny("llama", **GQA)
+    x = ids()
+    pruner = make_pruner("taylor", importance=importance, compensation=True, scope=FULL,
+                         checkpointing=checkpointing)
+    assert pruner.uses_calibration
+    grads = gradient_pass(copy.deepcopy(lm), x, [0, 1], input_stats=True, checkpointing=checkpointing,
+                          backward=importance != "l2")
+    assert all(st.count == x.numel() for st in grads.stats.values())  # not doubled by recomputation
+    assert set(grads.stats) == {"0.o_proj", "0.down_proj", "1.o_proj", "1.down_proj"}
+    plan = prune_structured_(lm, pruner, x)
+    assert all(lp.o_bias is not None and lp.down_bias is not None for lp in plan.layers)
+    assert lm.adapter.linears(lm.adapter.layers()[0])["down_proj"].bias is not None

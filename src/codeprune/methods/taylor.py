@@ -117,15 +117,18 @@ def _checkpointing(model, on: bool) -> None:
 
 
 def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_order: bool = False,
-                  checkpointing: bool = True, device="cpu", input_stats: bool = False) -> GradientPass:
+                  checkpointing: bool = True, device="cpu", input_stats: bool = False,
+                  backward: bool = True) -> GradientPass:
     """Back-propagate the next-token loss of each calibration sample (one at a time) and
     accumulate g (and g^2) in float32 for the Linears of ``layers`` only.
 
     With ``input_stats`` the inputs of o_proj and down_proj in those layers are also
     collected (for bias compensation), from the forward passes only (not the
-    recomputation that checkpointing does during backward)."""
+    recomputation that checkpointing does during backward). ``backward=False``: the
+    forward passes and statistics only (no gradients, nothing kept for them)."""
     model = lm.model
-    params = prunable_parameters(lm, layers)
+    params = prunable_parameters(lm, layers) if backward else {}
+    checkpointing = checkpointing and backward
     dev = torch.device(device)
     model.to(dev)
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -172,12 +175,14 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
             torch.cuda.reset_peak_memory_stats(dev)
         start, total_loss = time.perf_counter(), 0.0
         n = input_ids.shape[0]
-        for k in tqdm(range(n), desc="taylor gradients", unit="sample"):
+        for k in tqdm(range(n), desc="taylor gradients" if backward else "taylor statistics", unit="sample"):
             ids = input_ids[k:k + 1].to(dev)
             recording[0] = True
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            with torch.set_grad_enabled(backward):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             recording[0] = False
-            loss.backward()
+            if backward:
+                loss.backward()
             total_loss += float(loss.detach())
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
@@ -238,8 +243,8 @@ class TaylorPruner(StructuredPruner):
         if cfg.importance in GRADIENT_IMPORTANCES or cfg.compensation:
             grads = gradient_pass(lm, input_ids, layers, second_order=cfg.importance == "element2",
                                   checkpointing=cfg.checkpointing, device=device,
-                                  input_stats=cfg.compensation)
-            self.gradients = grads
+                                  input_stats=cfg.compensation,
+                                  backward=cfg.importance in GRADIENT_IMPORTANCES)
         generator = torch.Generator().manual_seed(cfg.seed)
         scores = []
         for i, layer in enumerate(a.layers()):
@@ -261,6 +266,9 @@ class TaylorPruner(StructuredPruner):
                                       o_stats.mean if o_stats is not None else None,
                                       d_stats.mean if d_stats is not None else None,
                                       n_kv, n_rep, kv, cfg.aggregation, False))
+        if grads is not None and grads.grad:
+            grads.grad, grads.fisher = {}, None  # the sums are spent: free them before surgery
+            self.gradients = grads
         return scores
 
     def _layer_importance(self, a, i: int, layer, grads: GradientPass | None):
@@ -270,12 +278,12 @@ class TaylorPruner(StructuredPruner):
         for name, lin in a.linears(layer).items():
             dim = 1 if name in ROW_MEMBERS else 0
             W, b = lin.weight.detach(), lin.bias.detach() if lin.bias is not None else None
-            g = grads.grad[f"{i}.{name}.weight"] if grads is not None else None
-            F = grads.fisher[f"{i}.{name}.weight"] if grads is not None and grads.fisher else None
+            g = grads.grad[f"{i}.{name}.weight"] if imp in GRADIENT_IMPORTANCES else None
+            F = grads.fisher[f"{i}.{name}.weight"] if imp == "element2" else None
             v = member_vectors(imp, W, g, F, dim)
             if b is not None and dim == 1:  # a row's bias belongs to the row's structure
-                gb = grads.grad[f"{i}.{name}.bias"] if grads is not None else None
-                Fb = grads.fisher[f"{i}.{name}.bias"] if grads is not None and grads.fisher else None
+                gb = grads.grad[f"{i}.{name}.bias"] if imp in GRADIENT_IMPORTANCES else None
+                Fb = grads.fisher[f"{i}.{name}.bias"] if imp == "element2" else None
                 v = v + member_vectors(imp, b[:, None], None if gb is None else gb[:, None],
                                        None if Fb is None else Fb[:, None], 1)
             per[name] = v.double().cpu()
