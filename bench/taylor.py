@@ -34,7 +34,6 @@ import psutil  # noqa: E402
 import codeprune  # noqa: E402
 from codeprune.data.calibration import HELDOUT_FRACTION, _unit_hash  # noqa: E402
 from codeprune.data.instructions import build_instructions, write_jsonl  # noqa: E402
-from codeprune.data.sources import python_stdlib_dir  # noqa: E402
 from codeprune.methods import taylor  # noqa: E402
 from codeprune.methods.structured import scope_layers  # noqa: E402
 from codeprune.recovery import RecoverConfig, recover  # noqa: E402
@@ -83,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-taylor-"))
-    records, _ = build_instructions(f"python:{python_stdlib_dir()}", eval_fraction=0.02)
+    records, _ = build_instructions("python-stdlib", eval_fraction=0.02)
     records = [r for r in records if _unit_hash(r["source"].rsplit(":", 1)[0]) >= HELDOUT_FRACTION]
     data = write_jsonl(records, work / "instr.jsonl")
     print(f"recovery data: {len(records)} pairs from the stdlib's calibration split")

@@ -209,24 +209,32 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION) -> tuple[list[dict], dict]:
+def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
+                       exclude=None) -> tuple[list[dict], dict]:
     """Instruction pairs from a codebase ``LANG:DIR`` (see the module docstring).
 
     Returns (records, summary): records carry instruction/input/output, "source"
-    (file:line) and "split" (by file)."""
+    (file:line) and "split" (by file). ``exclude(relative path) -> bool`` skips more
+    files (``python-stdlib`` is the interpreter's standard library without its tests
+    and site-packages)."""
     from .sources import read_source
 
-    lang = spec.split(":", 1)[0] if ":" in spec else ""
-    if lang != "python":
+    lang = spec.split(":", 1)[0] if ":" in spec else spec
+    if lang not in ("python", "python-stdlib"):
         raise ConfigError(f"instructions --from takes python:DIR (got '{spec}'): only Python has a parser "
                           "codeprune trusts for docstring -> body pairs")
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
-    corpus = read_source(spec)
+    if spec == "python-stdlib":
+        from .sources import _is_stdlib_test
+
+        corpus, exclude = read_source(spec), exclude or _is_stdlib_test
+    else:
+        corpus = read_source(spec)
     seen, records = set(), []
     summary = {"files": 0, "test_files_skipped": 0, "pairs": 0, "duplicates": 0, "skipped": corpus.skipped}
     for doc in sorted(corpus.documents, key=lambda d: d.id):
-        if is_test_file(doc.id):
+        if is_test_file(doc.id) or (exclude is not None and exclude(Path(doc.id))):
             summary["test_files_skipped"] += 1
             continue
         summary["files"] += 1

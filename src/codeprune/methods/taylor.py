@@ -102,8 +102,17 @@ def prunable_parameters(lm, layers: list[int]) -> dict[str, nn.Parameter]:
     return out
 
 
+def _checkpointing_on(model) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
 def _checkpointing(model, on: bool) -> None:
-    """Non-reentrant activation checkpointing on/off (the transformers 5.x name, or the older one)."""
+    """Non-reentrant activation checkpointing on/off (the transformers 5.x name, or the older one).
+
+    transformers also hooks the embeddings to make their output require a gradient
+    (needed by reentrant checkpointing and PEFT); non-reentrant checkpointing does not
+    need it, and it would make backward run through the layers outside the scope."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         if on:
@@ -114,6 +123,8 @@ def _checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_disable()
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_order: bool = False,
@@ -128,7 +139,7 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
     forward passes and statistics only (no gradients, nothing kept for them)."""
     model = lm.model
     params = prunable_parameters(lm, layers) if backward else {}
-    checkpointing = checkpointing and backward
+    checkpointing = checkpointing and backward and not _checkpointing_on(model)
     dev = torch.device(device)
     model.to(dev)
     frozen = {p: p.requires_grad for p in model.parameters()}
