@@ -106,8 +106,23 @@ def test_read_alpaca_and_chat_files(tmp_path):
     assert data.examples[0].messages == [{"role": "user", "content": "Add.\n\ndef add(a, b):"},
                                          {"role": "assistant", "content": "return a + b"}]
     assert data.examples[1].messages[0]["role"] == "system"
-    train, held = data.split()
-    assert [len(train), len(held)] == [1, 1] and held[0].split == "eval"
+    for fraction in (0.0, 0.05, 0.99):
+        train, held = data.split(fraction)
+        assert [len(train), len(held)] == [1, 1] and held[0].split == "eval"
+
+
+def test_split_respects_pins_and_a_zero_fraction():
+    from codeprune.data.instructions import Example, InstructionSet
+
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    pinned = InstructionSet("x", [Example(msgs, str(k), "train") for k in range(5)])
+    assert [len(p) for p in pinned.split(0.5)] == [5, 0]  # pins never move
+    free = InstructionSet("x", [Example(msgs, str(k)) for k in range(20)])
+    assert [len(p) for p in free.split(0.0)] == [20, 0]
+    train, held = free.split(0.01)
+    assert len(held) >= 1 and len(train) + len(held) == 20
+    train, held = free.split(0.999)
+    assert len(train) >= 1
 
 
 @pytest.mark.parametrize("content, message", [

@@ -56,17 +56,25 @@ class InstructionSet:
     skipped: dict[str, int] = field(default_factory=dict)
 
     def split(self, eval_fraction: float = EVAL_FRACTION) -> tuple[list[Example], list[Example]]:
-        """(train, eval): a pinned "split" wins; otherwise an example is held out when the hash
-        of its id falls under ``eval_fraction``; at least one example is held out."""
+        """(train, eval): a pinned "split" always wins; the other examples are held out when
+        the hash of their id falls under ``eval_fraction``. With a fraction > 0 at least one
+        unpinned example is held out, and training keeps at least one example."""
         train, held = [], []
         for ex in self.examples:
-            pinned = ex.split
-            if pinned is None:
-                pinned = "eval" if _unit_hash(ex.id) < eval_fraction else "train"
-            (held if pinned == "eval" else train).append(ex)
-        if not held and len(train) > 1:
-            train.sort(key=lambda e: _unit_hash(e.id))
-            held = [train.pop(0)]
+            if ex.split is not None:
+                (held if ex.split == "eval" else train).append(ex)
+            elif eval_fraction > 0 and _unit_hash(ex.id) < eval_fraction:
+                held.append(ex)
+            else:
+                train.append(ex)
+        free_train = sorted((e for e in train if e.split is None), key=lambda e: _unit_hash(e.id))
+        if eval_fraction > 0 and not held and len(free_train) > 1:
+            train.remove(free_train[0])
+            held.append(free_train[0])
+        free_held = sorted((e for e in held if e.split is None), key=lambda e: _unit_hash(e.id))
+        if not train and free_held and len(held) > 1:
+            held.remove(free_held[-1])
+            train.append(free_held[-1])
         if not train:
             raise CorpusError(f"{self.spec}: no training example left after the evaluation split")
         return train, held
@@ -118,13 +126,17 @@ def read_instructions(spec: str) -> InstructionSet:
                 raise CorpusError(f"{spec} line {n}: not JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise CorpusError(f"{spec} line {n}: expected a JSON object")
-            rows.append((f"{spec}:{n}", row))
+            rows.append((f"{spec} line {n}", row))
     examples = []
     for where, row in rows:
         split = row.get("split")
         if split not in (None, "train", "eval"):
             raise CorpusError(f"{where}: split must be 'train' or 'eval', got {split!r}")
-        examples.append(Example(to_messages(row, where), str(row.get("id", where)), split))
+        key = row.get("id")  # else the content: the split never depends on where the file lives
+        if key is None:
+            key = hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()
+        key = str(key)
+        examples.append(Example(to_messages(row, where), key, split))
     if not examples:
         raise CorpusError(f"instruction data '{spec}' holds no example")
     return InstructionSet(spec, examples)
