@@ -195,3 +195,24 @@ def test_cli_recover(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["recover", "--model", folder, "--data", data, "--out", str(tmp_path / "r2"),
                  "--lora-r", "0"]) == 2
+
+
+def test_a_template_that_refuses_a_conversation_falls_back_to_the_plain_layout():
+    tok = _tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}]
+    enc = encode(tok, msgs, 512)
+    assert "### Instruction:" in tok.decode(enc["input_ids"])
+
+
+def test_overwrite_starts_afresh(tmp_path):
+    folder = tiny_folder(tmp_path)
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = RecoverConfig(**{**QUICK, "max_steps": 2})
+    recover(folder, data, out=tmp_path / "rec", config=cfg, device="cpu", eval_ppl=None,
+            keep_checkpoints=True)
+    assert (tmp_path / "rec.checkpoints").is_dir()
+    res = recover(folder, data, out=tmp_path / "rec", config=cfg, device="cpu", eval_ppl=None, overwrite=True)
+    assert res.report["training"]["resumed_from"] is None and res.report["steps"] == 2

@@ -284,3 +284,13 @@ def test_compensation_statistics_come_from_the_forward_passes_only(importance, c
     plan = prune_structured_(lm, pruner, x)
     assert all(lp.o_bias is not None and lp.down_bias is not None for lp in plan.layers)
     assert lm.adapter.linears(lm.adapter.layers()[0])["down_proj"].bias is not None
+
+
+def test_compensation_with_the_default_scope():
+    """Layers outside the scope lose nothing and need no compensation value."""
+    lm = make_tiny("llama", **GQA, num_hidden_layers=10)
+    x = ids()
+    plan = prune_structured_(lm, make_pruner("taylor", ratio=0.2, compensation=True), x)
+    assert plan.layers[0].o_bias is None and plan.layers[5].o_bias is not None
+    assert plan.planned_params["decoder"] == decoder_param_count(lm.adapter)
+    assert lm.model(input_ids=x).logits.isfinite().all()

@@ -105,6 +105,9 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     (plain, or with modeling_codeprune.py for per-layer sizes) plus report.json / report.md."""
     pruner = _make_method(method, sparsity, pattern, ratio, method_options)
     structured = getattr(pruner, "structured", False)
+    if offload and getattr(pruner, "whole_model", False):
+        raise ConfigError(f"'{method}' back-propagates through the whole model, which must fit on the "
+                          "device: drop --offload")
     if out is not None:
         check_output(out, overwrite)  # refuse before spending minutes on the model
     dev = resolve_device(device)
@@ -401,8 +404,10 @@ def instructions(source: str, *, out: str | Path | None = None, eval_fraction: f
                  overwrite: bool = False) -> tuple[list[dict], dict]:
     """Instruction pairs (docstring -> body) from a codebase ``python:DIR``; written to ``out``
     (.jsonl) when given. Returns (records, summary). See codeprune/data/instructions.py."""
-    from .data.instructions import build_instructions, write_jsonl
+    from .data.instructions import build_instructions, check_jsonl_output, write_jsonl
 
+    if out is not None:
+        check_jsonl_output(out, overwrite)  # before reading the codebase
     records, summary = build_instructions(source, eval_fraction=eval_fraction)
     if out is not None:
         summary["out"] = str(write_jsonl(records, out, overwrite=overwrite))

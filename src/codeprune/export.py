@@ -57,8 +57,10 @@ def write_atomically(out: str | Path, overwrite: bool, fill) -> Path:
 
 
 def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False,
-                    report: dict | None = None, render: Callable[[dict], str] | None = None) -> Path:
-    """Save model, tokenizer and (optionally) report.json / report.md (``render(report)``) to ``out``.
+                    report: dict | None = None, render: Callable[[dict], str] | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Save model, tokenizer and (optionally) report.json / report.md (``render(report)``) to ``out``;
+    ``extra(folder)`` adds more files before the folder is renamed into place.
 
     When ``report`` has an "efficiency" section, its ``disk_bytes`` is set here to the
     size of the saved checkpoint (weights, config, tokenizer), the one place it is known."""
@@ -81,5 +83,7 @@ def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
             if render is not None:
                 (tmp / "report.md").write_text(render(report))
+        if extra is not None:
+            extra(tmp)
 
     return write_atomically(out, overwrite, fill)

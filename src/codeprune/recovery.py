@@ -97,8 +97,12 @@ def _segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
+            try:
+                prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False,
+                                                       add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
+            except Exception:  # the template refuses this conversation (roles, system turns): plain layout
+                break
             if not (full.startswith(prompt) and prompt.startswith(done)):
                 break  # a template that rewrites earlier turns: fall back to the plain layout
             segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
@@ -258,6 +262,12 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     cfg = config or RecoverConfig()
     out = check_output(out, overwrite)
     state = PartialState()
+    work = _work_dir(out)
+    options = {"model": str(model), "data": data, **asdict(cfg), "targets": list(cfg.targets)}
+    if overwrite and state.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)  # start afresh: nothing to resume
+    state.wait_for_everyone()
+    resume = _check_resume(work, options)  # before minutes of loading
     dev = resolve_device(device)
     instructions = read_instructions(data)
     train_ex, eval_ex = instructions.split(cfg.eval_fraction)
@@ -276,9 +286,6 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes))
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     eval_steps = cfg.eval_steps or max(1, total // 5)
-    work = _work_dir(out)
-    options = {"model": str(model), "data": data, **asdict(cfg), "targets": list(cfg.targets)}
-    resume = _check_resume(work, options)
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         (work / "recover_options.json").write_text(json.dumps(options, indent=2) + "\n")
@@ -390,10 +397,12 @@ def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
 def _save(lm, out: Path, overwrite: bool, report: dict, adapter_dir: Path) -> Path:
     from .export import save_checkpoint
 
-    path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_recover_markdown)
-    shutil.copytree(adapter_dir, path / "adapter")
-    _plot_losses(report, path / "loss.png")
-    return path
+    def extra(folder: Path) -> None:
+        shutil.copytree(adapter_dir, folder / "adapter")
+        _plot_losses(report, folder / "loss.png")
+
+    return save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_recover_markdown,
+                           extra=extra)
 
 
 def _plot_losses(report: dict, path: Path) -> None:

@@ -274,16 +274,24 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     return records, summary
 
 
+def check_jsonl_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing file (unless ``overwrite``) or a folder at ``out``."""
+    from ..errors import OutputExistsError
+
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise OutputExistsError(f"output path {out} is a folder: give a .jsonl file name")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output file {out} exists: pass --overwrite to replace it")
+    return out
+
+
 def write_jsonl(records: list[dict], out: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``records`` one JSON object a line, atomically."""
     import os
     import tempfile
 
-    from ..errors import OutputExistsError
-
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output file {out} exists: pass --overwrite to replace it")
+    out = check_jsonl_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:

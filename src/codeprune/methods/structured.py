@@ -231,7 +231,7 @@ def layer_plan(scores: LayerScores, linears: dict[str, nn.Linear], head_dim: int
     lp = LayerPlan(kv_heads=[g for g in range(scores.n_kv) if g not in gone_kv],
                    q_heads=[h for h in range(n_heads) if h not in gone_q],
                    channels=sorted(set(range(n_ff)) - set(gone_ch)))
-    if compensation:
+    if compensation and (n_units or n_channels):  # a layer that loses nothing needs no bias value
         if scores.o_mean is None or scores.down_mean is None:
             raise ConfigError("bias compensation needs calibration statistics")
         o_cols = [h * head_dim + d for h in sorted(gone_q) for d in range(head_dim)]
@@ -260,7 +260,7 @@ def _counting_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: b
         flat = LayerScores(torch.zeros(s["heads"]), torch.zeros(0), torch.zeros(s["intermediate"]),
                            None, None, s["kv_heads"], s["heads"] // s["kv_heads"])
         lp = plan.layers[i] = layer_plan(flat, a.linears(layer), a.head_dim, kind, n_u, n_c, False)
-        if compensation:
+        if compensation and (n_u or n_c):
             lp.o_bias = lp.down_bias = torch.zeros(0)  # only their presence counts
     return plan
 

@@ -13,6 +13,8 @@ Fisher F = mean over samples of g_n^2:
     element1  sum |W * g|                     first-order Taylor (default)
     element2  sum |W * g - 1/2 W * F * W|     with the second-order (Fisher) term
     vector    sum over the member's rows/columns of |sum_vector W * g|
+              (one vector = one row or column, as LLM-Pruner's public code; the
+              paper's wording, |sum over the whole member|, is coarser for heads)
     l2        sum W^2                          baseline, no data
     random    uniform random per member        baseline, no data (seeded)
 
