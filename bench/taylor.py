@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--rec-batch", type=int, default=4)
     ap.add_argument("--rec-seq-len", type=int, default=256)
     ap.add_argument("--rec-lr", type=float, default=2e-4)
+    ap.add_argument("--no-recover", action="store_true", help="prune and time only (no recovery)")
+    ap.add_argument("--no-checkpointing", action="store_true", help="gradient pass without checkpointing")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
@@ -104,18 +106,23 @@ def main() -> None:
         lm = copy.deepcopy(base)
         start = time.perf_counter()
         res = codeprune.prune(lm, "taylor", importance=imp, ratio=args.ratio, calib="python-stdlib",
+                              checkpointing=not args.no_checkpointing,
                               samples=args.samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
                               efficiency=False, device=args.device, out=work / f"pruned-{imp}")
         seconds = time.perf_counter() - start
         r = res.report
         del lm, res
-        rec = recover(str(work / f"pruned-{imp}"), str(data), out=work / f"rec-{imp}", device=args.device,
-                      config=RecoverConfig(max_steps=args.rec_steps, batch_size=args.rec_batch, grad_accum=1,
-                                           seq_len=args.rec_seq_len, lr=args.rec_lr, eval_fraction=0.02,
-                                           eval_steps=args.rec_steps),
-                      eval_ppl="python-stdlib", eval_windows=args.eval_windows, ppl_seq_len=args.seq_len)
+        rec = None
+        if not args.no_recover:
+            config = RecoverConfig(max_steps=args.rec_steps, batch_size=args.rec_batch, grad_accum=1,
+                                   seq_len=args.rec_seq_len, lr=args.rec_lr, eval_fraction=0.02,
+                                   eval_steps=args.rec_steps)
+            rec = recover(str(work / f"pruned-{imp}"), str(data), out=work / f"rec-{imp}", device=args.device,
+                          config=config, eval_ppl="python-stdlib", eval_windows=args.eval_windows,
+                          ppl_seq_len=args.seq_len)
         grad = r.get("gradient_pass") or {}
-        rr = rec.report
+        rr = rec.report if rec is not None else dict.fromkeys(
+            ["ppl_after", "ppl_before", "eval_loss_before", "eval_loss_after", "seconds"])
         row = {"importance": imp, "ppl_dense": r["ppl_dense"], "ppl_pruned": r["ppl_pruned"],
                "ppl_recovered": rr["ppl_after"], "ppl_before_recovery_check": rr["ppl_before"],
                "eval_loss_before": rr["eval_loss_before"], "eval_loss_after": rr["eval_loss_after"],
@@ -139,8 +146,8 @@ def main() -> None:
     for r in rows:
         g = "-" if r["grad_seconds"] is None else f"{r['grad_seconds']:.1f}"
         m = "-" if r["grad_rss_extra_mb"] is None else f"{r['grad_rss_extra_mb']:.0f}"
-        print(f"| {r['importance']} | {r['ppl_dense']:.3f} | {r['ppl_pruned']:.3f} "
-              f"| {r['ppl_recovered']:.3f} | {g} | {m} |")
+        rec = "-" if r["ppl_recovered"] is None else f"{r['ppl_recovered']:.3f}"
+        print(f"| {r['importance']} | {r['ppl_dense']:.3f} | {r['ppl_pruned']:.3f} | {rec} | {g} | {m} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
