@@ -6,7 +6,9 @@ python-stdlib perplexity (windows of ``--seq-len`` tokens, LLM-Pruner's protocol
 uses 128), then run the same short recovery for every model (same instruction
 data, steps, seed) and score again. Also: the time of the gradient pass and the
 peak extra memory it took (RSS sampled every 20 ms on the CPU, max allocated on
-CUDA), against the estimate in docs/taylor.md.
+CUDA), against the estimate in docs/taylor.md. For memory figures run one
+importance per process with ``--no-recover``: the heap of earlier runs hides
+later allocations from RSS.
 
 Recovery data: instruction pairs built from the standard library's documented
 functions (``codeprune instructions``), keeping only files of the calibration
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import tempfile
@@ -46,6 +49,10 @@ class PeakRSS:
         self.every, self.peak, self._stop = every, 0, threading.Event()
 
     def __enter__(self):
+        try:  # give freed heap back to the OS first, or the pass reuses it unseen
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
         self.proc = psutil.Process()
         self.base = self.peak = self.proc.memory_info().rss
         self.thread = threading.Thread(target=self._run, daemon=True)
