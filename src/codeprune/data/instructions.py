@@ -150,14 +150,9 @@ def _read_hf_rows(spec: str) -> list[tuple[str, dict]]:
         name, config, split = parts
     else:
         raise ConfigError(f"bad dataset spec '{spec}': use hf:NAME[:CONFIG]:SPLIT")
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError("hf: sources need the datasets package: pip install 'codeprune[hf]'") from None
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, unknown name, bad split: all user-facing
-        raise CorpusError(f"cannot load dataset {name} ({split}): {str(e).splitlines()[0][:200]}") from e
+    from .sources import load_hf_dataset
+
+    ds = load_hf_dataset(name, config, split)
     return [(f"{name}:{split}:{i}", dict(row)) for i, row in enumerate(ds)]
 
 

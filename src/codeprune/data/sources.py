@@ -257,6 +257,18 @@ def _read_file(spec: str, path: Path, text_field: str) -> Corpus:
     return Corpus(spec, docs, skipped)
 
 
+def load_hf_dataset(name: str, config: str | None, split: str):
+    """``datasets.load_dataset``, with codeprune's errors (no datasets package, offline, bad name)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("hf: sources need the datasets package: pip install 'codeprune[hf]'") from None
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, bad split: all user-facing
+        raise CorpusError(f"cannot load dataset {name} ({split}): {str(e).splitlines()[0][:200]}") from e
+
+
 def _read_hf(spec: str, text_field: str) -> Corpus:
     parts = spec.split(":")[1:]
     if len(parts) == 3:
@@ -265,14 +277,7 @@ def _read_hf(spec: str, text_field: str) -> Corpus:
         name, config, split, fld = parts
     else:
         raise ConfigError(f"bad dataset spec '{spec}': use hf:NAME[:CONFIG]:SPLIT:FIELD")
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError("hf: sources need the datasets package: pip install 'codeprune[hf]'") from None
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline, unknown name, bad split: all user-facing
-        raise CorpusError(f"cannot load dataset {name} ({split}): {str(e).splitlines()[0][:200]}") from e
+    ds = load_hf_dataset(name, config, split)
     if fld not in ds.column_names:
         raise CorpusError(f"dataset {name} has no field '{fld}' (fields: {', '.join(ds.column_names)})")
     docs = [Document(f"{name}:{split}:{i}", t) for i, t in enumerate(ds[fld]) if isinstance(t, str)]
