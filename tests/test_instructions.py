@@ -159,3 +159,10 @@ def test_cli_instructions(codebase, tmp_path, capsys):
     assert main(["instructions", "--from", f"python:{codebase}", "--out", str(out)]) == 2
     assert main(["instructions", "--from", f"cpp:{codebase}", "--out", str(tmp_path / "c.jsonl")]) == 2
     assert "python" in capsys.readouterr().err
+
+
+def test_hf_specs_fail_with_one_clear_error():
+    with pytest.raises(ConfigError, match="hf:NAME"):
+        read_instructions("hf:a:b:c:d")
+    with pytest.raises((ConfigError, CorpusError)):  # no datasets package, or no hub here
+        read_instructions("hf:sahil2801/CodeAlpaca-20k:train")
