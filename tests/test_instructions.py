@@ -88,7 +88,7 @@ def test_split_is_by_file(tmp_path):
 
 def test_only_python_and_a_folder_with_pairs(tmp_path, codebase):
     with pytest.raises(ConfigError, match="python"):
-        build_instructions(f"java:{codebase}")
+        build_instructions(f"rust:{codebase}")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.py").write_text("x = 1\n")
@@ -157,7 +157,7 @@ def test_cli_instructions(codebase, tmp_path, capsys):
     assert "2 pairs" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 2
     assert main(["instructions", "--from", f"python:{codebase}", "--out", str(out)]) == 2
-    assert main(["instructions", "--from", f"cpp:{codebase}", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert main(["instructions", "--from", f"go:{codebase}", "--out", str(tmp_path / "c.jsonl")]) == 2
     assert "python" in capsys.readouterr().err
 
 
@@ -166,3 +166,87 @@ def test_hf_specs_fail_with_one_clear_error():
         read_instructions("hf:a:b:c:d")
     with pytest.raises((ConfigError, CorpusError)):  # no datasets package, or no hub here
         read_instructions("hf:sahil2801/CodeAlpaca-20k:train")
+
+
+JAVA = """package demo;
+
+/** A class comment, not a method's. */
+public class Calc {
+    /**
+     * Return the sum of a and b.
+     * @param a the first
+     */
+    @Deprecated
+    public static int add(int a, int b) {
+        int t = a + b;
+        return t;
+    }
+
+    // Undocumented neighbours are skipped.
+
+    public int bare(int x) { return x; }
+
+    /** Build an empty calculator instance. */
+    public Calc() {
+        super();
+    }
+}
+"""
+
+JS = """/** Square a number exactly once. */
+export function sq(x) {
+  return x * x;
+}
+
+class Box {
+  // Double the value given,
+  // twice as large.
+  dbl(x) {
+    return 2 * x;
+  }
+}
+"""
+
+CPP = """#include <vector>
+
+// Compute the larger of two values.
+template <typename T>
+T mx(T a, T b) {
+    return a > b ? a : b;
+}
+
+/* Sum every element of the vector. */
+int total(const std::vector<int>& v) {
+    int s = 0;
+    for (int x : v) s += x;
+    return s;
+}
+"""
+
+
+@pytest.mark.parametrize("lang, name, text, expected", [
+    ("java", "Calc.java", JAVA, {
+        "Return the sum of a and b.\n@param a the first": (
+            "@Deprecated\npublic static int add(int a, int b)", "    int t = a + b;\n    return t;\n"),
+        "Build an empty calculator instance.": ("public Calc()", "    super();\n")}),
+    ("javascript", "sq.js", JS, {
+        "Square a number exactly once.": ("export function sq(x)", "    return x * x;\n"),
+        "Double the value given,\ntwice as large.": ("dbl(x)", "    return 2 * x;\n")}),
+    ("cpp", "mx.cpp", CPP, {
+        "Compute the larger of two values.": ("template <typename T>\nT mx(T a, T b)",
+                                              "    return a > b ? a : b;\n"),
+        "Sum every element of the vector.": (
+            "int total(const std::vector<int>& v)",
+            "    int s = 0;\n    for (int x : v) s += x;\n    return s;\n")}),
+])
+def test_pairs_from_brace_languages(tmp_path, lang, name, text, expected):
+    pytest.importorskip("tree_sitter")
+    root = tmp_path / lang
+    root.mkdir()
+    (root / name).write_text(text)
+    test_name = {"java": "CalcTest.java", "javascript": "sq.test.js", "cpp": "mx_test.cpp"}[lang]
+    (root / test_name).write_text(text)
+    records, summary = build_instructions(f"{lang}:{root}", eval_fraction=0.0)
+    got = {r["instruction"]: (r["input"], r["output"]) for r in records}
+    assert got == expected
+    assert summary["test_files_skipped"] == 1

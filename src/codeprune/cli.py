@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    n = sub.add_parser("instructions", help="instruction pairs (docstring -> body) from a codebase")
-    n.add_argument("--from", dest="source", required=True, metavar="LANG:DIR", help="e.g. python:src/")
+    n = sub.add_parser("instructions", help="instruction pairs (docstring/comment -> body) from a codebase")
+    n.add_argument("--from", dest="source", required=True, metavar="LANG:DIR",
+                   help="python, java, javascript or cpp:DIR, or python-stdlib; e.g. python:src/")
     n.add_argument("--out", required=True, help="output .jsonl (instruction/input/output/source/split)")
     n.add_argument("--eval-fraction", type=float, default=0.05, help="share of files held out (by hash)")
     n.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -10,16 +10,19 @@ Formats read by ``read_instructions`` (each example becomes a list of chat messa
     hf:NAME[:CONFIG]:SPLIT   a Hugging Face dataset with those fields (codeprune[hf]),
                  e.g. hf:sahil2801/CodeAlpaca-20k:train
 
-``build_instructions("python:DIR")`` (``codeprune instructions --from python:DIR``)
+``build_instructions("LANG:DIR")`` (``codeprune instructions --from LANG:DIR``)
 turns a codebase into Alpaca-style pairs: for every function or method with a
-docstring, the docstring is the instruction, the signature the input, and the
-body (without the docstring, re-indented to 4 spaces, as HumanEval completions
-are) the output. Test files (test_*.py, *_test.py, conftest.py, and anything
-under test/ or tests/) are skipped; pairs are deduplicated on their normalised
-text; the split is by file (a hash of the file path), so no file feeds both the
-training and the evaluation split. Python is read with the standard ``ast``
-parser; other languages are refused (a regex over braces is not reliable, and
-no parser is a dependency of codeprune).
+docstring (Python) or a comment right above it (Java, JavaScript, C++: Javadoc,
+``/* */`` or ``//`` lines), the cleaned docstring/comment is the instruction,
+the signature the input, and the body (without the docstring, or the inside of
+the braces; re-indented to 4 spaces, as HumanEval completions are) the output.
+Test files (test_*, *_test.*, *Test.java, *.test.js, *.spec.js, *_unittest.cc,
+conftest.py, anything under test/, tests/, testing/, __tests__/) are skipped;
+pairs are deduplicated on their normalised text; the split is by file (a hash of
+the file path), so no file feeds both the training and the evaluation split.
+Python is parsed with the standard ``ast``; Java, JavaScript and C++ with
+tree-sitter's grammars (``pip install 'codeprune[parsers]'``; a regex over
+braces would not be reliable).
 """
 
 from __future__ import annotations
@@ -158,11 +161,14 @@ def _read_hf_rows(spec: str) -> list[tuple[str, dict]]:
 
 # -- building pairs from a codebase ----------------------------------------------------
 
+TEST_DIRS = {"test", "tests", "testing", "__tests__", "spec", "androidTest"}
+TEST_NAME = re.compile(r"^(test_.*|.*_test\.\w+|.*_unittest\.\w+|.*Tests?\.java|Test[A-Z].*\.java"
+                       r"|.*\.(test|spec)\.[cm]?js|conftest\.py)$")
+
+
 def is_test_file(rel: str) -> bool:
     parts = Path(rel).parts
-    name = parts[-1]
-    return (any(p in ("test", "tests", "testing") for p in parts[:-1]) or name.startswith("test_")
-            or name.endswith("_test.py") or name == "conftest.py")
+    return any(p in TEST_DIRS for p in parts[:-1]) or bool(TEST_NAME.match(parts[-1]))
 
 
 def python_pairs(source: str, file_id: str) -> list[dict]:
@@ -212,6 +218,85 @@ def _signature(text: str) -> str:
     return match.group(1) if match else text.split("\n")[0]
 
 
+# -- brace languages (tree-sitter) ------------------------------------------------------
+
+BRACE_LANGUAGES = {  # language -> (grammar module, function node types)
+    "java": ("tree_sitter_java", {"method_declaration", "constructor_declaration"}),
+    "javascript": ("tree_sitter_javascript", {"function_declaration", "generator_function_declaration",
+                                              "method_definition"}),
+    "cpp": ("tree_sitter_cpp", {"function_definition"}),
+}
+COMMENTS = {"comment", "line_comment", "block_comment"}
+WRAPPERS = {"export_statement", "template_declaration"}  # a leading comment sits before these
+
+
+def _parser(lang: str):
+    import importlib
+
+    module, _ = BRACE_LANGUAGES[lang]
+    try:
+        from tree_sitter import Language, Parser
+
+        grammar = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"instructions from {lang} need tree-sitter: "
+                          "pip install 'codeprune[parsers]'") from None
+    return Parser(Language(grammar.language()))
+
+
+def clean_comment(text: str) -> str:
+    """The words of a /** */, /* */ or // comment, without its delimiters and leading stars."""
+    text = text.strip()
+    if text.startswith("/*"):
+        text = re.sub(r"^/\*+!?", "", text)
+        text = re.sub(r"\*+/$", "", text)
+        lines = [re.sub(r"^\s*\*? ?", "", line) for line in text.splitlines()]
+    else:
+        lines = [re.sub(r"^\s*//+!? ?", "", line) for line in text.splitlines()]
+    return textwrap.dedent("\n".join(lines)).strip()
+
+
+def _leading_comment(anchor, source: bytes) -> str | None:
+    """The comment block right above ``anchor`` (no blank line between), cleaned."""
+    parts, row, prev = [], anchor.start_point[0], anchor.prev_sibling
+    while prev is not None and prev.type in COMMENTS and prev.end_point[0] >= row - 1:
+        parts.append(source[prev.start_byte:prev.end_byte].decode("utf-8", "replace"))
+        row, prev = prev.start_point[0], prev.prev_sibling
+    return "\n".join(clean_comment(c) for c in reversed(parts)) if parts else None
+
+
+def brace_pairs(lang: str, source: str, file_id: str, parser=None) -> list[dict]:
+    """Alpaca records (instruction = leading comment, input = signature, output = the inside of
+    the body's braces) of every commented function or method in ``source``."""
+    parser = parser or _parser(lang)
+    data = source.encode("utf-8")
+    tree = parser.parse(data)
+    kinds = BRACE_LANGUAGES[lang][1]
+    out, stack = [], [tree.root_node]
+    while stack:
+        node = stack.pop()
+        stack.extend(reversed(node.children))
+        body = node.child_by_field_name("body") if node.type in kinds else None
+        if body is None or node.has_error:
+            continue
+        anchor = node
+        while anchor.parent is not None and anchor.parent.type in WRAPPERS:
+            anchor = anchor.parent
+        doc = _leading_comment(anchor, data)
+        if not doc or len(doc) < MIN_DOCSTRING_CHARS:
+            continue
+        inner = data[body.start_byte + 1:body.end_byte - 1].decode("utf-8", "replace")
+        inner = inner.strip("\n").rstrip()
+        if not inner.strip():
+            continue
+        signature = data[anchor.start_byte:body.start_byte].decode("utf-8", "replace").rstrip()
+        signature = textwrap.dedent(" " * anchor.start_point[1] + signature).strip()
+        code = textwrap.indent(textwrap.dedent(inner), "    ").rstrip() + "\n"
+        out.append({"instruction": doc, "input": signature, "output": code,
+                    "source": f"{file_id}:{anchor.start_point[0] + 1}"})
+    return out
+
+
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -227,9 +312,10 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     from .sources import read_source
 
     lang = spec.split(":", 1)[0] if ":" in spec else spec
-    if lang not in ("python", "python-stdlib"):
-        raise ConfigError(f"instructions --from takes python:DIR (got '{spec}'): only Python has a parser "
-                          "codeprune trusts for docstring -> body pairs")
+    if lang not in ("python", "python-stdlib", *BRACE_LANGUAGES):
+        raise ConfigError(f"instructions --from takes python:DIR, {':DIR, '.join(BRACE_LANGUAGES)}:DIR "
+                          f"(got '{spec}'): the languages with a parser codeprune trusts")
+    parser = _parser(lang) if lang in BRACE_LANGUAGES else None
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     if spec == "python-stdlib":
@@ -246,7 +332,8 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
             continue
         summary["files"] += 1
         split = "eval" if _unit_hash(doc.id) < eval_fraction else "train"
-        for rec in python_pairs(doc.text, doc.id):
+        pairs = brace_pairs(lang, doc.text, doc.id, parser) if parser else python_pairs(doc.text, doc.id)
+        for rec in pairs:
             key = (_norm(rec["instruction"]), _norm(rec["output"]))
             if key in seen:
                 summary["duplicates"] += 1
