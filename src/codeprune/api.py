@@ -382,8 +382,8 @@ def report(runs: list[str | Path], *, out: str | Path | None = None, overwrite: 
 
 
 def recover(model: str, data: str, *, out: str | Path, device: str = "auto", dtype: str = "float32",
-            eval_ppl: str | None = "python-stdlib", eval_windows: int = 16, keep_checkpoints: bool = False,
-            overwrite: bool = False, **options):
+            eval_ppl: str | None = "python-stdlib", eval_windows: int = 16, ppl_seq_len: int = 512,
+            keep_checkpoints: bool = False, overwrite: bool = False, **options):
     """LoRA recovery of a pruned checkpoint on instruction ``data``, merged and saved to ``out``;
     ``options`` are ``RecoverConfig`` fields (lora_r, lora_alpha, lora_dropout, targets, lr,
     epochs, max_steps, batch_size, grad_accum, seq_len, eval_fraction, eval_steps,
@@ -397,7 +397,8 @@ def recover(model: str, data: str, *, out: str | Path, device: str = "auto", dty
     except TypeError as e:
         raise ConfigError(f"bad recover option: {e}") from None
     return _recover(model, data, out=out, config=config, device=device, dtype=dtype, eval_ppl=eval_ppl,
-                    eval_windows=eval_windows, keep_checkpoints=keep_checkpoints, overwrite=overwrite)
+                    eval_windows=eval_windows, ppl_seq_len=ppl_seq_len, keep_checkpoints=keep_checkpoints,
+                    overwrite=overwrite)
 
 
 def instructions(source: str, *, out: str | Path | None = None, eval_fraction: float = 0.05,

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restore the zeros of sparse Linears after the merge (auto: those >= 1%% zeros)")
     v.add_argument("--eval-data", default="python-stdlib",
                    help="source whose held-out split gives perplexity before/after ('none' to skip)")
-    v.add_argument("--eval-windows", type=int, default=16)
+    v.add_argument("--eval-windows", type=int, default=16, help="held-out perplexity windows (default 16)")
+    v.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
     v.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.checkpoints/ after success")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
@@ -329,7 +330,8 @@ def cmd_recover(args) -> int:
         raise ConfigError(f"--eval-windows must be >= 1, got {args.eval_windows}")
     res = recover(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
                   eval_ppl=None if args.eval_data == "none" else args.eval_data,
-                  eval_windows=args.eval_windows, keep_checkpoints=args.keep_checkpoints,
+                  eval_windows=args.eval_windows, ppl_seq_len=args.eval_seq_len,
+                  keep_checkpoints=args.keep_checkpoints,
                   overwrite=args.overwrite, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                   lora_dropout=args.lora_dropout,
                   targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), lr=args.lr,

@@ -261,6 +261,9 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
 
     cfg = config or RecoverConfig()
     out = check_output(out, overwrite)
+    from .data.calibration import check_window_sizes
+
+    check_window_sizes(eval_windows, ppl_seq_len)
     state = PartialState()
     work = _work_dir(out)
     options = {"model": str(model), "data": data, **asdict(cfg), "targets": list(cfg.targets)}
