@@ -159,3 +159,32 @@ def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs,
     for name, p in pruned.items():
         if name.endswith("proj.weight"):
             assert torch.equal(merged[name] == 0, p == 0), name
+
+
+# -- Flab-Pruner building blocks (issue 6) -------------------------------------------------
+
+
+def test_vocabulary_pruning_on_smollm2_keeps_the_corpus_tokenization():
+    import copy
+
+    from codeprune.data import read_source
+    from codeprune.vocab import count_tokens, prune_vocab_, select_vocab
+
+    lm = codeprune.load("smollm2-135m")
+    texts = [d.text for d in read_source("python-stdlib").documents[:200]]
+    keep = select_vocab(lm.tokenizer, count_tokens(lm.tokenizer, texts), min_count=1)
+    original = copy.deepcopy(lm)
+    old_to_new = prune_vocab_(lm, keep)
+    assert len(keep) < 0.6 * len(original.tokenizer)
+    for text in texts[:40]:
+        old = original.tokenizer(text, add_special_tokens=False)["input_ids"]
+        new = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert lm.tokenizer.convert_ids_to_tokens(new) == original.tokenizer.convert_ids_to_tokens(old)
+    for text in ("emoji 🚀🐍, 你好, Привет", "naïve café ∑ x²"):
+        assert lm.tokenizer.decode(lm.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    old_ids = original.tokenizer(texts[0][:300], return_tensors="pt")["input_ids"]
+    new_ids = torch.tensor([[old_to_new[i] for i in old_ids[0].tolist()]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(input_ids=new_ids).logits,
+                                   original.model(input_ids=old_ids).logits[..., keep], rtol=1e-5, atol=1e-5)
