@@ -359,3 +359,32 @@ def test_vllm_backend_refuses_a_per_layer_checkpoint(tmp_path):
 
     with pytest.raises(ConfigError, match="vLLM"):
         codeprune.evaluate(str(out), humaneval=HumanEvalConfig(backend="vllm"), efficiency=False)
+
+
+@pytest.mark.parametrize("method", ["flap", "wanda-sp", "taylor"])
+def test_ffn_only_uniform_keeps_every_head_and_one_width(method, tmp_path):
+    lm = make_tiny("llama", **GQA, num_hidden_layers=3)
+    dense = decoder_param_count(lm.adapter)
+    x = ids()
+    pruner = make_pruner(method, ratio=0.2, units="ffn", structure="uniform", scope="0:1")
+    plan = prune_structured_(lm, pruner, x)
+    assert plan.heads_per_layer == [8, 8, 8] and plan.kv_heads_per_layer == [2, 2, 2]
+    assert len(set(plan.ffn_per_layer)) == 1 and plan.ffn_per_layer[0] < 96
+    assert abs(1 - decoder_param_count(lm.adapter) / dense - 0.2) < 0.02
+    config = lm.model.config
+    assert config.intermediate_size == plan.ffn_per_layer[0]
+    assert not getattr(config, "is_heterogeneous", False)
+    save_checkpoint(lm, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=x).logits, logits(lm, x))
+
+
+def test_ffn_only_adaptive_and_its_limits():
+    lm = make_tiny("llama", **GQA, num_hidden_layers=3)
+    plan = prune_structured_(lm, make_pruner("flap", ratio=0.2, units="ffn"), ids())
+    assert plan.heads_per_layer == [8, 8, 8]
+    with pytest.raises(ConfigError, match="units"):
+        make_pruner("flap", units="heads")
+    with pytest.raises(ConfigError, match="FFN channels"):
+        prune_structured_(make_tiny("llama", **GQA), make_pruner("wanda-sp", ratio=0.9, units="ffn"), ids())

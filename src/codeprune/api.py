@@ -93,7 +93,8 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     wanda-sp, magnitude-sp, taylor): ``ratio`` (default 0.2) is the fraction of
     decoder-layer parameters removed, by cutting attention heads and FFN channels;
     ``structure`` ("uniform" / "adaptive"), ``compensation``, ``metric`` (flap),
-    ``head_unit``, ``attn_square``, ``scope`` (layers pruned, as fractions of depth)
+    ``head_unit``, ``attn_square``, ``scope`` (layers pruned, as fractions of depth),
+    ``units`` ("all" or "ffn": FFN channels only)
     and, for taylor, ``importance``, ``aggregation`` and ``checkpointing`` go to the
     method (methods/structured.py, methods/taylor.py).
     Calibration uses ``samples`` windows of ``seq_len`` tokens from the calibration

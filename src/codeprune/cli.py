@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a whole KV group (group)")
     s.add_argument("--attn-square", action="store_true", default=None,
                    help="square the head score, as FLAP's public code")
+    s.add_argument("--units", choices=["all", "ffn"],
+                   help="what is removed: heads and FFN channels (all, default) or FFN channels only (ffn; "
+                        "with --structure uniform every layer keeps the same width: a plain checkpoint)")
     s.add_argument("--scope", metavar="START:END",
                    help="layers pruned, as fractions of depth (default 0:1; taylor 0.1:0.9)")
     t = p.add_argument_group("taylor (LLM-Pruner)")
@@ -232,6 +235,7 @@ def cmd_prune(args) -> int:
 
     structured = {"structure": args.structure, "metric": args.metric, "compensation": args.compensation,
                   "head_unit": args.head_unit, "attn_square": args.attn_square, "scope": args.scope,
+                  "units": args.units,
                   "importance": args.importance, "aggregation": args.aggregation,
                   "checkpointing": args.checkpointing}
     result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, ratio=args.ratio,
