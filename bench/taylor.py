@@ -35,8 +35,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one line per run, no progress bars
 import psutil  # noqa: E402
 
 import codeprune  # noqa: E402
-from codeprune.data.calibration import HELDOUT_FRACTION, _unit_hash  # noqa: E402
+from codeprune.data.calibration import HELDOUT_FRACTION, unit_hash  # noqa: E402
 from codeprune.data.instructions import build_instructions, write_jsonl  # noqa: E402
+from codeprune.engine import prunable_parameters  # noqa: E402
 from codeprune.methods import taylor  # noqa: E402
 from codeprune.methods.structured import scope_layers  # noqa: E402
 from codeprune.recovery import RecoverConfig, recover  # noqa: E402
@@ -92,7 +93,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-taylor-"))
     records, _ = build_instructions("python-stdlib", eval_fraction=0.02)
-    records = [r for r in records if _unit_hash(r["source"].rsplit(":", 1)[0]) >= HELDOUT_FRACTION]
+    records = [r for r in records if unit_hash(r["source"].rsplit(":", 1)[0]) >= HELDOUT_FRACTION]
     data = write_jsonl(records, work / "instr.jsonl")
     print(f"recovery data: {len(records)} pairs from the stdlib's calibration split")
 
@@ -140,7 +141,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    prunable = sum(p.numel() for p in taylor.prunable_parameters(
+    prunable = sum(p.numel() for p in prunable_parameters(
         base, scope_layers((0.1, 0.9), base.adapter.num_layers)).values())
     print(f"\n{args.model}: ratio {args.ratio} of decoder parameters, {args.samples} x {args.seq_len} "
           f"calibration, ppl on {args.eval_windows} x {args.seq_len} held-out windows; recovery "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from codeprune.cli import main
+from codeprune.engine import gradient_pass
 from codeprune.errors import ConfigError
 from codeprune.export import save_checkpoint
 from codeprune.methods import make_pruner
@@ -16,7 +17,6 @@ from codeprune.methods.structured import (
     prune_structured_,
     scope_layers,
 )
-from codeprune.methods.taylor import gradient_pass
 from codeprune.report import count_parameters
 from codeprune.structure import decoder_param_count, needs_modeling_file
 

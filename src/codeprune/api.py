@@ -34,9 +34,9 @@ from .evaluate.humaneval import HumanEvalConfig, run_humaneval, write_samples
 from .export import check_output, save_checkpoint
 from .methods import make_pruner
 from .methods.base import prune_model_
-from .methods.structured import prune_structured_
+from .methods.structured import check_offload, prune_structured_
 from .models.sources import LoadedModel, load_model
-from .report import count_parameters, linear_sparsity, render_markdown
+from .report import count_parameters, decoder_sparsity, linear_sparsity, render_markdown
 from .structure import decoder_param_count
 
 
@@ -106,9 +106,8 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     (plain, or with modeling_codeprune.py for per-layer sizes) plus report.json / report.md."""
     pruner = _make_method(method, sparsity, pattern, ratio, method_options)
     structured = getattr(pruner, "structured", False)
-    if offload and getattr(pruner, "whole_model", False):
-        raise ConfigError(f"'{method}' back-propagates through the whole model, which must fit on the "
-                          "device: drop --offload")
+    if structured:
+        check_offload(pruner, offload)  # before minutes of loading and evaluation
     if out is not None:
         check_output(out, overwrite)  # refuse before spending minutes on the model
     dev = resolve_device(device)
@@ -321,8 +320,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
         lm = _as_loaded(model, dtype, seq_len)
         if not offload and not vllm:  # offload: perplexity brings one layer at a time to the device
             place_model(lm, dev)
-        linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
-        sparsity, _ = linear_sparsity(lm.model, linears)
+        sparsity = decoder_sparsity(lm)
         total, nonzero = count_parameters(lm.model)
         result.update(model=lm.name, sparsity=sparsity, params_total=total, params_nonzero=nonzero,
                       source=lm.origin)

@@ -330,8 +330,6 @@ def cmd_recover(args) -> int:
     from .api import recover
     from .recovery import render_recover_markdown
 
-    if args.eval_windows < 1:
-        raise ConfigError(f"--eval-windows must be >= 1, got {args.eval_windows}")
     res = recover(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
                   eval_ppl=None if args.eval_data == "none" else args.eval_data,
                   eval_windows=args.eval_windows, ppl_seq_len=args.eval_seq_len,

@@ -36,7 +36,7 @@ LAYER_METRICS = ("kl", "bi", "bi-last")
 
 
 def _swap_layers(lm, keep: list[int], originals: nn.ModuleList) -> None:
-    lm.adapter.decoder.layers = nn.ModuleList([originals[i] for i in keep])
+    lm.adapter.set_layers(nn.ModuleList([originals[i] for i in keep]))
 
 
 @torch.no_grad()
@@ -124,7 +124,7 @@ def choose_layers(lm, input_ids: torch.Tensor, n: int, *, metric: str = "kl",
             chosen.append(best)
             keep.remove(best)
     finally:
-        lm.adapter.decoder.layers = originals
+        lm.adapter.set_layers(originals)
     return chosen
 
 

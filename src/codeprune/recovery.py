@@ -33,15 +33,16 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .data.instructions import EVAL_FRACTION, Example, read_instructions
 from .errors import ConfigError, CorruptModelError
+from .models.adapters import SUBLAYERS
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = SUBLAYERS  # every projection of a decoder layer (models/adapters.py)
 MASK_MIN_SPARSITY = 0.01  # a Linear with at least this share of exact zeros keeps them after the merge
 IGNORE = -100
 
@@ -182,32 +183,24 @@ def sparse_masks(lm, mode: str = "auto") -> dict[str, torch.Tensor]:
         for lin in lm.adapter.linears(layer).values():
             kept = lin.weight != 0
             if mode == "always" or 1 - kept.float().mean().item() >= MASK_MIN_SPARSITY:
-                masks[names[id(lin)]] = kept.cpu()
+                masks[names[id(lin)]] = kept
     return masks
 
 
 @torch.no_grad()
 def apply_masks_(model, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every weight outside its mask (the model and the masks both come from loads on the CPU)."""
     modules = dict(model.named_modules())
     for name, kept in masks.items():
-        w = modules[name].weight
-        w.mul_(kept.to(w.device, w.dtype))
+        modules[name].weight.masked_fill_(~kept, 0)
 
 
 # -- the run ------------------------------------------------------------------------
 
 @dataclass
 class RecoverResult:
-    report: dict
+    report: dict  # empty on the other processes of a distributed run
     out: Path | None
-    curves: dict = field(default_factory=dict)
-
-
-def _decoder_sparsity(lm) -> float:
-    from .report import linear_sparsity
-
-    linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
-    return linear_sparsity(lm.model, linears)[0]
 
 
 def _perplexity(lm, held, device) -> float | None:
@@ -256,13 +249,13 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
 
     from .api import load
     from .data import heldout_windows, read_source
+    from .data.calibration import check_window_sizes
     from .engine import resolve_device
     from .export import check_output
+    from .report import decoder_sparsity
 
     cfg = config or RecoverConfig()
     out = check_output(out, overwrite)
-    from .data.calibration import check_window_sizes
-
     check_window_sizes(eval_windows, ppl_seq_len)
     state = PartialState()
     work = _work_dir(out)
@@ -283,7 +276,7 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
         raise ConfigError(f"no training example keeps an answer token within seq len {cfg.seq_len}")
     held = heldout_windows(tok, corpus, seq_len=ppl_seq_len, max_windows=eval_windows) if corpus else None
     masks = sparse_masks(lm, cfg.keep_mask)
-    sparsity_before = _decoder_sparsity(lm)
+    sparsity_before = decoder_sparsity(lm)
     ppl_before = _perplexity(lm, held, dev) if state.is_main_process else None
 
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes))
@@ -333,7 +326,7 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     lm.model = None
     gc.collect()
     merged = _merge(model, dtype, adapter_dir, masks)
-    sparsity_after = _decoder_sparsity(merged)
+    sparsity_after = decoder_sparsity(merged)
     ppl_after = _perplexity(merged, held, dev)
     from .report import count_parameters
     from .structure import needs_modeling_file
@@ -371,7 +364,7 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     path = _save(merged, out, overwrite, report, adapter_dir)
     if not keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
-    return RecoverResult(report, path, report["loss_curve"])
+    return RecoverResult(report, path)
 
 
 def _protocol(held) -> str | None:

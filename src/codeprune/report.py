@@ -17,6 +17,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def decoder_sparsity(lm) -> float:
+    """Share of zeros over every decoder-layer Linear weight of ``lm``."""
+    linears = [lin for layer in lm.adapter.layers() for lin in lm.adapter.linears(layer).values()]
+    return linear_sparsity(lm.model, linears)[0]
+
+
 def linear_sparsity(model: nn.Module, linears: list[nn.Linear]) -> tuple[float, dict[str, float]]:
     """(overall sparsity over ``linears``' weights, {module name: sparsity})."""
     names = {id(m): n for n, m in model.named_modules()}

@@ -53,15 +53,16 @@ class TokenWindows:
 HELDOUT_OFFSET_SEED = 20240501  # fixed: held-out windows never depend on --seed
 
 
-def _unit_hash(doc_id: str) -> float:
+def unit_hash(doc_id: str) -> float:
+    """A stable number in [0, 1) from an id: decides held-out splits, never the seed."""
     return int(hashlib.sha1(doc_id.encode()).hexdigest()[:12], 16) / float(1 << 48)
 
 
 def split_documents(corpus: Corpus, heldout_fraction: float = HELDOUT_FRACTION):
     """(calibration docs, held-out docs): a document is held out when the hash of its id
     falls under ``heldout_fraction``. Both sides get at least one document when possible."""
-    keyed = sorted(corpus.documents, key=lambda d: _unit_hash(d.id))
-    n_held = sum(_unit_hash(d.id) < heldout_fraction for d in keyed)
+    keyed = sorted(corpus.documents, key=lambda d: unit_hash(d.id))
+    n_held = sum(unit_hash(d.id) < heldout_fraction for d in keyed)
     if len(keyed) >= 2:
         n_held = min(max(n_held, 1), len(keyed) - 1)
     return keyed[n_held:], keyed[:n_held]

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, CorpusError
+from .calibration import unit_hash
 
 ROLES = ("system", "user", "assistant")
 EVAL_FRACTION = 0.05
@@ -66,25 +67,21 @@ class InstructionSet:
         for ex in self.examples:
             if ex.split is not None:
                 (held if ex.split == "eval" else train).append(ex)
-            elif eval_fraction > 0 and _unit_hash(ex.id) < eval_fraction:
+            elif eval_fraction > 0 and unit_hash(ex.id) < eval_fraction:
                 held.append(ex)
             else:
                 train.append(ex)
-        free_train = sorted((e for e in train if e.split is None), key=lambda e: _unit_hash(e.id))
+        free_train = sorted((e for e in train if e.split is None), key=lambda e: unit_hash(e.id))
         if eval_fraction > 0 and not held and len(free_train) > 1:
             train.remove(free_train[0])
             held.append(free_train[0])
-        free_held = sorted((e for e in held if e.split is None), key=lambda e: _unit_hash(e.id))
+        free_held = sorted((e for e in held if e.split is None), key=lambda e: unit_hash(e.id))
         if not train and free_held and len(held) > 1:
             held.remove(free_held[-1])
             train.append(free_held[-1])
         if not train:
             raise CorpusError(f"{self.spec}: no training example left after the evaluation split")
         return train, held
-
-
-def _unit_hash(text: str) -> float:
-    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
 
 
 def to_messages(row: dict, where: str) -> list[dict]:
@@ -331,7 +328,7 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
             summary["test_files_skipped"] += 1
             continue
         summary["files"] += 1
-        split = "eval" if _unit_hash(doc.id) < eval_fraction else "train"
+        split = "eval" if unit_hash(doc.id) < eval_fraction else "train"
         pairs = brace_pairs(lang, doc.text, doc.id, parser) if parser else python_pairs(doc.text, doc.id)
         for rec in pairs:
             key = (_norm(rec["instruction"]), _norm(rec["output"]))
@@ -343,7 +340,7 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     if not records:
         raise CorpusError(f"{spec}: no documented function found outside test files")
     if eval_fraction > 0 and not any(r["split"] == "eval" for r in records):
-        first = min({r["source"].rsplit(":", 1)[0] for r in records}, key=_unit_hash)
+        first = min({r["source"].rsplit(":", 1)[0] for r in records}, key=unit_hash)
         for r in records:  # at least one file held out, still whole files
             if r["source"].rsplit(":", 1)[0] == first:
                 r["split"] = "eval"

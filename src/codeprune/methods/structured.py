@@ -62,12 +62,9 @@ AGGREGATIONS = ("sum", "mean", "max", "prod")
 def parse_scope(scope) -> tuple[float, float]:
     """``"0.1:0.9"`` or (0.1, 0.9) -> (start, end) fractions of depth; ConfigError otherwise."""
     if isinstance(scope, str):
-        parts = scope.split(":")
         try:
-            scope = tuple(float(p) for p in parts)
+            scope = tuple(float(p) for p in scope.split(":"))
         except ValueError:
-            scope = ()
-        if len(parts) != 2:
             scope = ()
     if (not isinstance(scope, (tuple, list)) or len(scope) != 2
             or not all(isinstance(x, (int, float)) for x in scope) or not 0 <= scope[0] < scope[1] <= 1):
@@ -377,6 +374,13 @@ def _layer_scores(pruner: StructuredPruner, adapter, layer, linears, stats) -> L
                        s["kv_heads"], s["heads"] // s["kv_heads"])
 
 
+def check_offload(pruner: StructuredPruner, offload: bool) -> None:
+    """Whole-model methods back-propagate through every layer at once: no --offload."""
+    if offload and pruner.whole_model:
+        raise ConfigError(f"'{pruner.name}' back-propagates through the whole model, which must fit "
+                          "on the device: drop --offload")
+
+
 def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | None, *, device="cpu",
                       offload: bool = False, batch_size: int = 8) -> StructurePlan:
     """Score, choose a structure, cut ``lm`` in place; returns the plan applied."""
@@ -403,10 +407,8 @@ def prune_structured_(lm, pruner: StructuredPruner, input_ids: torch.Tensor | No
         apply_layer_(a, layer, plan.layers[i], gain)
         done.add(i)
 
+    check_offload(pruner, offload)
     if pruner.whole_model:  # scores of the dense model from one pass over all layers (gradients)
-        if offload:
-            raise ConfigError(f"'{pruner.name}' back-propagates through the whole model, which must fit "
-                              "on the device: drop --offload")
         if pruner.uses_calibration and input_ids is None:
             raise ConfigError(f"method '{pruner.name}' needs calibration data")
         scores = pruner.model_scores(lm, input_ids, device=device,

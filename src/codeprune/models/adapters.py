@@ -44,6 +44,10 @@ class DecoderAdapter:
     def layers(self) -> nn.ModuleList:
         return self.decoder.layers
 
+    def set_layers(self, layers: nn.ModuleList) -> None:
+        """Replace the decoder's layer list (layer removal, and scoring with layers left out)."""
+        self.decoder.layers = layers
+
     def embed_tokens(self) -> nn.Embedding:
         return self.decoder.embed_tokens
 
