@@ -385,6 +385,20 @@ def test_ffn_only_adaptive_and_its_limits():
     plan = prune_structured_(lm, make_pruner("flap", ratio=0.2, units="ffn"), ids())
     assert plan.heads_per_layer == [8, 8, 8]
     with pytest.raises(ConfigError, match="units"):
-        make_pruner("flap", units="heads")
+        make_pruner("flap", units="layers")
     with pytest.raises(ConfigError, match="FFN channels"):
         prune_structured_(make_tiny("llama", **GQA), make_pruner("wanda-sp", ratio=0.9, units="ffn"), ids())
+
+
+@pytest.mark.parametrize("structure", ["uniform", "adaptive"])
+def test_heads_only_keeps_every_channel(structure, tmp_path):
+    lm = make_tiny("llama", **GQA, num_hidden_layers=3)
+    dense = decoder_param_count(lm.adapter)
+    x = ids()
+    plan = prune_structured_(lm, make_pruner("wanda-sp", ratio=0.1, units="heads", structure=structure), x)
+    assert plan.ffn_per_layer == [96, 96, 96]
+    assert sum(plan.heads_per_layer) < 24
+    assert all(h % kv == 0 for h, kv in zip(plan.heads_per_layer, plan.kv_heads_per_layer, strict=True))
+    assert abs(1 - decoder_param_count(lm.adapter) / dense - 0.1) < 0.03
+    with pytest.raises(ConfigError, match="attention"):
+        prune_structured_(make_tiny("llama", **GQA), make_pruner("wanda-sp", ratio=0.5, units="heads"), x)

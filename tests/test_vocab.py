@@ -86,3 +86,30 @@ def test_min_count_and_special_tokens():
     assert eos in few and counts[eos] == 0  # special tokens stay even unused
     with pytest.raises(ConfigError):
         select_vocab(lm.tokenizer, counts, min_count=0)
+
+
+def test_max_removed_caps_the_cut_and_keeps_the_most_used_first():
+    from collections import Counter
+
+    lm = make_tiny("llama")
+    tok = lm.tokenizer
+    counts = count_tokens(tok, CORPUS)
+    full = select_vocab(tok, counts, 1)
+    size = len(tok)
+    capped = select_vocab(tok, counts, 1, max_removed=(size - len(full)) // 2)
+    assert set(full) < set(capped) and size - len(capped) <= (size - len(full)) // 2
+    # with min_count 3 tokens used once or twice go first, but the cap takes them back first
+    rare = select_vocab(tok, counts, 3, max_removed=size - len(full))
+    assert set(full) <= set(rare)
+    assert select_vocab(tok, Counter(), 1, max_removed=0) == list(range(size))
+
+
+def test_remap_ids_gives_the_same_bytes_with_the_pruned_tokenizer():
+    from codeprune.vocab import remap_ids
+
+    lm, original, keep, old_to_new = pruned()
+    for text in ARBITRARY + CORPUS:
+        old = original.tokenizer(text, add_special_tokens=False)["input_ids"]
+        new = remap_ids(torch.tensor(old), original.tokenizer, lm.tokenizer, old_to_new)
+        assert len(new) >= len(old) and max(new, default=0) < len(keep)
+        assert lm.tokenizer.decode(new) == original.tokenizer.decode(old) == text

@@ -79,8 +79,9 @@ def _make_method(method: str, sparsity, pattern, ratio, options: dict):
     return make_pruner(method, sparsity=0.5 if sparsity is None else sparsity, pattern=pattern, **options)
 
 
-def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | None = None,
-          pattern: str = "unstructured", ratio: float | None = None, calib: str = "python-stdlib",
+def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: float | None = None,
+          pattern: str = "unstructured", ratio: float | None = None, recipe=None,
+          target: float | None = None, calib: str = "python-stdlib",
           samples: int = 64, seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
           offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
           overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
@@ -94,7 +95,7 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     decoder-layer parameters removed, by cutting attention heads and FFN channels;
     ``structure`` ("uniform" / "adaptive"), ``compensation``, ``metric`` (flap),
     ``head_unit``, ``attn_square``, ``scope`` (layers pruned, as fractions of depth),
-    ``units`` ("all" or "ffn": FFN channels only)
+    ``units`` ("all", "ffn": FFN channels only, "heads": attention heads only)
     and, for taylor, ``importance``, ``aggregation`` and ``checkpointing`` go to the
     method (methods/structured.py, methods/taylor.py).
     Calibration uses ``samples`` windows of ``seq_len`` tokens from the calibration
@@ -103,8 +104,25 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     holds the pruned model's efficiency figures (evaluate/efficiency.py), the
     energy estimate of the pruning step and, for structured methods, the dense
     model's batch-1 speed. With ``out`` the result is saved as an HF checkpoint
-    (plain, or with modeling_codeprune.py for per-layer sizes) plus report.json / report.md."""
-    pruner = _make_method(method, sparsity, pattern, ratio, method_options)
+    (plain, or with modeling_codeprune.py for per-layer sizes) plus report.json / report.md.
+
+    Recipes: ``recipe`` (a built-in name such as "flab", a YAML path, or a
+    ``recipe.Recipe``) runs its stages in order instead of one method, removing
+    ``target`` (a fraction of *all* parameters; default the recipe's own) split
+    across the stages as codeprune/recipe.py documents; the report lists every stage."""
+    if recipe is not None:
+        if method is not None or sparsity is not None or ratio is not None or pattern != "unstructured":
+            raise ConfigError("a recipe brings its own methods: drop --method / --sparsity / --pattern / "
+                              "--ratio")
+        if any(v is not None for v in method_options.values()):
+            raise ConfigError("method options go into the recipe's stages, not the command line")
+        return _prune_recipe(model, recipe, target=target, calib=calib, samples=samples, seq_len=seq_len,
+                             seed=seed, text_field=text_field, device=device, offload=offload,
+                             batch_size=batch_size, out=out, overwrite=overwrite, eval_ppl=eval_ppl,
+                             eval_windows=eval_windows, efficiency=efficiency, dtype=dtype)
+    if target is not None:
+        raise ConfigError("--target goes with --recipe; a single method takes --sparsity or --ratio")
+    pruner = _make_method(method or "wanda", sparsity, pattern, ratio, method_options)
     structured = getattr(pruner, "structured", False)
     if structured:
         check_offload(pruner, offload)  # before minutes of loading and evaluation
@@ -168,6 +186,92 @@ def prune(model: str | LoadedModel, method: str = "wanda", *, sparsity: float | 
     if out is not None:
         path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_markdown)
     return PruneResult(lm, report, path)
+
+
+def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_field, device, offload,
+                  batch_size, out, overwrite, eval_ppl, eval_windows, efficiency, dtype) -> PruneResult:
+    """``prune`` with a recipe: stages in order to ``target`` of all parameters (recipe.py)."""
+    from .evaluate.perplexity import perplexity_remapped
+    from .recipe import Recipe, RecipeState, check_target, load_recipe, run_recipe
+    from .structure import needs_modeling_file
+
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    target = check_target(target) if target is not None else rec.target
+    if offload:
+        raise ConfigError("recipes run the whole model on one device (the layer search compares full "
+                          "forward passes): drop --offload")
+    if out is not None:
+        check_output(out, overwrite)
+    dev = resolve_device(device)
+    if eval_windows < 1:
+        raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
+    check_window_sizes(samples, seq_len)
+    corpus = read_source(calib, text_field=text_field)
+    lm = _as_loaded(model, dtype, seq_len)
+    calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
+    held = None
+    if eval_ppl:
+        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows)
+    place_model(lm, dev)
+
+    def score(m, remap, tag="pruned"):
+        if held is None:
+            return None
+        if remap is None:
+            return perplexity(m, held, desc=f"ppl {tag}")["ppl"]
+        return perplexity_remapped(m, held, remap, desc=f"ppl {tag}")["ppl"]
+
+    ppl_dense = score(lm, None, "dense")
+    params_dense = count_parameters(lm.model)[0]
+    shape_dense = _model_shape(lm)
+    dense_speed = _batch1_speed(lm, dev, False) if efficiency else None
+    state = RecipeState(calib_set.input_ids, calib, text_field, dev, batch_size)
+    start = time.perf_counter()
+    with energy_tracker() as energy:
+        stages = run_recipe(lm, rec, target=target, state=state, score=score if held is not None else None)
+    seconds = time.perf_counter() - start
+    total, nonzero = count_parameters(lm.model)
+    actual = 1 - total / params_dense
+    notes = [lm.origin["note"]] if lm.origin.get("note") else []
+    if target is not None and abs(actual - target) > 0.01:
+        notes.append(f"target {target:.1%} missed by {abs(actual - target):.1%}: the last budgeted stage "
+                     "removes coarse units (whole layers), or a stage removed more than its budget")
+    report = {
+        "model": lm.name, "method": f"recipe:{rec.name}", "pruning": "recipe", "recipe": rec.describe(),
+        "target": target, "ratio_actual_total": actual,
+        "target_error": None if target is None else actual - target,
+        "params_dense": params_dense, "params_total": total, "params_nonzero": nonzero,
+        "stages": stages, "dense_shape": shape_dense, **_model_shape(lm),
+        "calibration": {**calib_set.describe(), "text_field": text_field},
+        "ppl_dense": ppl_dense, "ppl_pruned": stages[-1].get("ppl") if held is not None else None,
+        "ppl_protocol": (protocol(held) + ("; after a vocab stage, per original token (the same text, "
+                                           "re-tokenized by the pruned tokenizer)" if state.remap else ""))
+        if held is not None else None,
+        "seconds_prune": seconds, "peak_rss_mb": peak_rss_mb(), "device": str(dev), "source": lm.origin,
+        "export": "trust_remote_code" if needs_modeling_file(lm.model.config) else "plain",
+        "energy_prune": energy or None, "notes": notes,
+        "structure_notes": [n for st in stages for n in st.get("notes", [])],
+    }
+    if efficiency:
+        from .evaluate.efficiency import efficiency_report
+
+        report["efficiency"] = efficiency_report(lm)
+        report["tokens_per_s_dense"] = dense_speed
+        report["tokens_per_s_pruned"] = _speed_fields(report["efficiency"]["speed"]["batch_1"])
+    path = None
+    if out is not None:
+        path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_markdown)
+    return PruneResult(lm, report, path)
+
+
+def _model_shape(lm) -> dict:
+    """Vocabulary, depth and per-layer sizes of ``lm`` now."""
+    a = lm.adapter
+    sizes = [a.layer_sizes(layer) for layer in a.layers()]
+    return {"vocab_size": a.embed_tokens().num_embeddings, "num_layers": a.num_layers,
+            "heads_per_layer": [s["heads"] for s in sizes],
+            "kv_heads_per_layer": [s["kv_heads"] for s in sizes],
+            "ffn_per_layer": [s["intermediate"] for s in sizes]}
 
 
 def _speed_fields(speed: dict) -> dict:

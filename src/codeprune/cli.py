@@ -4,6 +4,7 @@
     codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
     codeprune prune --model smollm2-135m --method flap --ratio 0.2 --out runs/flap20
     codeprune prune --model smollm2-135m --method taylor --importance element1 --ratio 0.2 --out runs/t20
+    codeprune prune --model qwen2.5-coder-0.5b --recipe flab --target 0.22 --out runs/q-flab-22
     codeprune instructions --from python:src/ --out data/instr.jsonl
     codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
     codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval
@@ -55,9 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save a checkpoint + report")
     _add_common(p)
-    p.add_argument("--method", default="wanda", choices=sorted(METHODS),
-                   help="unstructured: magnitude, wanda, sparsegpt; structured: flap, wanda-sp, "
+    p.add_argument("--method", choices=sorted(METHODS),
+                   help="unstructured: magnitude, wanda (default), sparsegpt; structured: flap, wanda-sp, "
                         "magnitude-sp, taylor")
+    p.add_argument("--recipe", metavar="NAME|FILE",
+                   help="run a recipe's stages instead of one method: flab, shortgpt or a YAML file "
+                        "(docs/recipes.md)")
+    p.add_argument("--target", type=float,
+                   help="with --recipe: fraction of all parameters removed, split across its stages "
+                        "(default: the recipe's)")
     p.add_argument("--sparsity", type=float,
                    help="unstructured: fraction of weights removed per Linear (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
@@ -77,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a whole KV group (group)")
     s.add_argument("--attn-square", action="store_true", default=None,
                    help="square the head score, as FLAP's public code")
-    s.add_argument("--units", choices=["all", "ffn"],
-                   help="what is removed: heads and FFN channels (all, default) or FFN channels only (ffn; "
-                        "with --structure uniform every layer keeps the same width: a plain checkpoint)")
+    s.add_argument("--units", choices=["all", "ffn", "heads"],
+                   help="what is removed: heads and FFN channels (all, default), FFN channels only (ffn; "
+                        "with --structure uniform every layer keeps the same width: a plain checkpoint) "
+                        "or attention heads only (heads)")
     s.add_argument("--scope", metavar="START:END",
                    help="layers pruned, as fractions of depth (default 0:1; taylor 0.1:0.9)")
     t = p.add_argument_group("taylor (LLM-Pruner)")
@@ -239,7 +247,8 @@ def cmd_prune(args) -> int:
                   "importance": args.importance, "aggregation": args.aggregation,
                   "checkpointing": args.checkpointing}
     result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, ratio=args.ratio,
-                   **structured, calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                   recipe=args.recipe, target=args.target, **structured, calib=args.calib,
+                   samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                    text_field=args.text_field, device=args.device, offload=args.offload,
                    batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
                    eval_ppl=not args.no_eval, eval_windows=args.eval_windows, dtype=args.dtype)

@@ -60,8 +60,10 @@ def render_markdown(report: dict) -> str:
         ("structure", r.get("structure")), ("bias compensation", r.get("compensation")),
         ("ratio target (decoder parameters)", r.get("ratio_target")),
         ("ratio actual (decoder parameters)", r.get("ratio_actual_decoder")),
+        ("target (all parameters)", r.get("target")),
         ("ratio actual (all parameters)", r.get("ratio_actual_total")),
-        ("dense parameters", r.get("params_dense") if r.get("pruning") == "structured" else None),
+        ("vocabulary", _dense_to_now(r, "vocab_size")), ("layers", _dense_to_now(r, "num_layers")),
+        ("dense parameters", r.get("params_dense") if r.get("pruning") in ("structured", "recipe") else None),
         ("parameters", r.get("params_total")), ("non-zero parameters", r.get("params_nonzero")),
         ("perplexity dense", r.get("ppl_dense")), ("perplexity pruned", r.get("ppl_pruned")),
         ("importance", (r.get("method_options") or {}).get("importance")),
@@ -85,6 +87,8 @@ def render_markdown(report: dict) -> str:
                   for lang, e in r["perplexity"].items()]
         first = next(iter(r["perplexity"].values()))
         lines += ["", f"Perplexity protocol: {first['protocol']}."]
+    if r.get("stages"):
+        lines += _stage_lines(r)
     if r.get("heads_per_layer"):
         lines += _structure_lines(r)
     per_layer = r.get("per_layer") or {}
@@ -103,6 +107,38 @@ def render_markdown(report: dict) -> str:
     for note in r.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
+
+
+def _dense_to_now(r: dict, key: str) -> str | None:
+    dense, now = (r.get("dense_shape") or {}).get(key), r.get(key)
+    return None if dense is None or now is None else f"{dense:,} -> {now:,}"
+
+
+def _stage_what(st: dict) -> str:
+    """One cell: what a recipe stage removed."""
+    if st.get("skipped"):
+        return f"skipped: {st['skipped']}"
+    if st["stage"] == "vocab":
+        return (f"vocabulary {st['vocab_before']:,} -> {st['vocab_after']:,} tokens "
+                f"({st['files']} files counted{', capped by its budget' if st.get('capped') else ''})")
+    if st["stage"] == "layers":
+        return (f"layers {st['layers_before']} -> {st['layers_after']} "
+                f"({st['metric']}: removed {st['removed_layers']})")
+    if "ffn_per_layer" in st:
+        ffn, heads = sorted(set(st["ffn_per_layer"])), sorted(set(st["heads_per_layer"]))
+        return (f"{st['method']} {st['structure']}: FFN width {'/'.join(map(str, ffn))}, "
+                f"heads {'/'.join(map(str, heads))} per layer")
+    return f"{st['method']} {st['pattern']}: sparsity {st['sparsity_actual']:.3f} (zeros, not removed)"
+
+
+def _stage_lines(r: dict) -> list[str]:
+    lines = ["", "## Stages", "", "| # | stage | removed params | % of dense | params after | ppl | what |",
+             "|---|---|---|---|---|---|---|"]
+    for k, st in enumerate(r["stages"], 1):
+        lines.append(f"| {k} | {st['stage']} | {st['removed_params']:,} | {st['removed_fraction']:.2%} | "
+                     f"{st['params_after']:,} | {_fmt(st.get('ppl')) if st.get('ppl') is not None else ''} | "
+                     f"{_stage_what(st)} |")
+    return lines
 
 
 _EXPORT = {"plain": "plain from_pretrained",

@@ -63,8 +63,14 @@ def count_tokens(tokenizer, texts: Iterable[str]) -> Counter:
     return counts
 
 
-def select_vocab(tokenizer, counts: Counter, min_count: int = 1) -> list[int]:
-    """The sorted ids to keep (see the module docstring)."""
+def select_vocab(tokenizer, counts: Counter, min_count: int = 1, *,
+                 max_removed: int | None = None) -> list[int]:
+    """The sorted ids to keep (see the module docstring).
+
+    ``max_removed`` caps how many ids may go (a recipe's budget for this stage):
+    when the rule above would remove more, the removed tokens are taken back most
+    used first, then by BPE rank (lower id = earlier merge = more frequent in the
+    tokenizer's own training data), each with its merge closure."""
     from tokenizers import pre_tokenizers
 
     if min_count < 1:
@@ -72,18 +78,50 @@ def select_vocab(tokenizer, counts: Counter, min_count: int = 1) -> list[int]:
     spec = _spec(tokenizer)
     vocab: dict[str, int] = spec["model"]["vocab"]
     producer = {a + b: (a, b) for a, b in _merge_pairs(spec["model"]["merges"])}
-    keep = {tok for tok, i in vocab.items() if counts.get(i, 0) >= min_count}
-    keep |= {c for c in pre_tokenizers.ByteLevel.alphabet() if c in vocab}
-    stack = list(keep)
-    while stack:  # merge closure: a kept token's parts must be producible too
-        parts = producer.get(stack.pop())
-        for part in parts or ():
-            if part not in keep and part in vocab:
-                keep.add(part)
-                stack.append(part)
-    ids = {vocab[t] for t in keep}
-    ids |= {t["id"] for t in spec.get("added_tokens", [])}
-    return sorted(ids)
+    keep: set[str] = set()
+
+    def add(tokens) -> None:  # with the merge closure: a kept token's parts must be producible too
+        stack = [t for t in tokens if t not in keep]
+        keep.update(stack)
+        while stack:
+            for part in producer.get(stack.pop()) or ():
+                if part not in keep and part in vocab:
+                    keep.add(part)
+                    stack.append(part)
+
+    add(tok for tok, i in vocab.items() if counts.get(i, 0) >= min_count)
+    add(c for c in pre_tokenizers.ByteLevel.alphabet() if c in vocab)
+    added = {t["id"] for t in spec.get("added_tokens", [])}
+    size = len(set(vocab.values()) | added)
+    kept = lambda: len({vocab[t] for t in keep} | added)  # noqa: E731
+    if max_removed is not None and size - kept() > max_removed:
+        back = sorted((i, tok) for tok, i in vocab.items() if tok not in keep)
+        back.sort(key=lambda item: -counts.get(item[0], 0))  # stable: ties stay in id order
+        for _, tok in back:
+            if size - kept() <= max_removed:
+                break
+            add([tok])
+    return sorted({vocab[t] for t in keep} | added)
+
+
+def remap_ids(ids, old_tokenizer, new_tokenizer, old_to_new: dict[int, int],
+              cache: dict[int, list[int]] | None = None) -> list[int]:
+    """Token ids of the original tokenizer -> ids of the pruned one for the *same bytes*: a
+    kept token maps to its new id, a removed one to the pruned BPE's split of its string
+    (so windows cut by the original tokenizer can be scored by the pruned model)."""
+    cache = {} if cache is None else cache
+    model = new_tokenizer.backend_tokenizer.model
+    out: list[int] = []
+    for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+        new = old_to_new.get(i)
+        if new is not None:
+            out.append(new)
+            continue
+        if i not in cache:
+            token = old_tokenizer.convert_ids_to_tokens(i)
+            cache[i] = [t.id for t in model.tokenize(token)]
+        out.extend(cache[i])
+    return out
 
 
 def rebuild_tokenizer(tokenizer, keep: list[int]):

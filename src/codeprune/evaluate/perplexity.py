@@ -62,3 +62,29 @@ def protocol(windows: TokenWindows) -> str:
             f"{windows.samples} non-overlapping windows of {windows.seq_len} tokens, stride "
             f"{windows.seq_len}, no context carried across windows, token-weighted mean NLL "
             f"over {windows.seq_len - 1} predictions per window, ppl = exp(NLL)")
+
+
+@torch.no_grad()
+def perplexity_remapped(lm: LoadedModel, windows: TokenWindows, remap, *, desc: str = "perplexity") -> dict:
+    """Perplexity of a model whose vocabulary was pruned, on windows cut by the *original*
+    tokenizer, so that it compares with the dense model's figure.
+
+    ``remap(ids) -> ids`` rewrites one window for the pruned tokenizer (vocab.remap_ids):
+    the same bytes, where a removed token becomes several kept ones. Each window's
+    NLL is summed over all of its predictions and divided by the window's *original*
+    prediction count (L - 1): perplexity per original token, the text's total
+    probability spread over the same denominator as the dense model's."""
+    lm_head = lm.adapter.lm_head()
+    total_nll, model_tokens = 0.0, 0
+    for row in tqdm(windows.input_ids, desc=desc, leave=False):
+        ids = torch.tensor(remap(row), dtype=torch.long, device=lm_head.weight.device)[None]
+        hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+        target = ids[0, 1:]
+        for c in range(0, hidden.shape[0], _LOGIT_CHUNK):
+            logits = lm_head(hidden[c:c + _LOGIT_CHUNK]).float()
+            total_nll += F.cross_entropy(logits, target[c:c + _LOGIT_CHUNK], reduction="sum").item()
+        model_tokens += target.numel()
+    tokens = windows.samples * (windows.seq_len - 1)
+    nll = total_nll / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "model_tokens": model_tokens,
+            "windows": windows.samples, "seq_len": windows.seq_len, "per": "original token"}

@@ -55,7 +55,7 @@ from ..structure import (
 
 STRUCTURES = ("uniform", "adaptive")
 HEAD_UNITS = ("auto", "query", "group")
-UNITS = ("all", "ffn")
+UNITS = ("all", "ffn", "heads")
 AGGREGATIONS = ("sum", "mean", "max", "prod")
 
 
@@ -106,7 +106,7 @@ class StructuredConfig:
     head_unit: str = "auto"  # query, group, or auto (query under GQA, group otherwise)
     attn_square: bool = False  # square the head score (FLAP's public code)
     scope: tuple[float, float] | str = (0.0, 1.0)  # layers pruned, as fractions of depth
-    units: str = "all"  # all: heads and FFN channels; ffn: FFN channels only (attention untouched)
+    units: str = "all"  # all: heads and FFN channels; ffn: FFN channels only; heads: attention only
 
     def __post_init__(self) -> None:
         self.scope = parse_scope(self.scope)
@@ -115,7 +115,7 @@ class StructuredConfig:
         if self.structure not in STRUCTURES:
             raise ConfigError(f"unknown structure '{self.structure}': choose {' or '.join(STRUCTURES)}")
         if self.units not in UNITS:
-            raise ConfigError(f"unknown units '{self.units}': choose {' or '.join(UNITS)}")
+            raise ConfigError(f"unknown units '{self.units}': choose {', '.join(UNITS)}")
         if self.head_unit not in HEAD_UNITS:
             raise ConfigError(f"unknown head unit '{self.head_unit}': choose {', '.join(HEAD_UNITS)}")
 
@@ -279,6 +279,12 @@ def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]
         if cfg.ratio * sum(sizes) >= 0.95 * mlp:
             raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove over 95% of the FFN "
                               "channels in scope: lower the ratio, or prune heads too (--units all)")
+    if cfg.units == "heads":  # attention alone carries the share
+        attn = sum(sizes[i] - 3 * a.hidden_size * a.layer_sizes(a.layers()[i])["intermediate"]
+                   for i in in_scope)
+        if cfg.ratio * sum(sizes) >= 0.9 * attn:
+            raise ConfigError(f"ratio {cfg.ratio} of the decoder is more than the attention in scope can "
+                              "give: lower the ratio, or prune FFN channels too (--units all)")
     if share >= 0.95:
         raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove {share:.0%} of every layer in "
                           f"the scope {cfg.scope[0]}:{cfg.scope[1]}: lower the ratio or widen the scope")
@@ -292,9 +298,15 @@ def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]
         n_units = n_rep if kind == "query" else n_kv
         w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, n_kv, n_rep, kind)
         target = share * sizes[i]
+        if cfg.units == "heads":
+            n_u = min(max(round(target / w_unit), 0), n_units - 1)
+            counts.append((n_u, 0))
+            continue
         n_u = 0 if cfg.units == "ffn" else min(max(round(share * n_units), 0), n_units - 1)
         n_c = min(max(round((target - n_u * w_unit) / w_ch), 0), s["intermediate"] - 1)
         counts.append((n_u, n_c))
+    if cfg.units == "heads":  # whole heads: no channel to absorb rounding
+        return counts
     return _correct(lm, counts, cfg, kind, in_scope)
 
 
@@ -337,20 +349,22 @@ def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: 
             units = attention_units(head_z, sc.n_kv, sc.n_rep, kind)
             if cfg.units != "ffn":
                 pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
-            z = _z(sc.channel).sort().values
-            pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
+            if cfg.units != "heads":
+                z = _z(sc.channel).sort().values
+                pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
         else:
             units = attention_units(sc.head, sc.n_kv, sc.n_rep, kind, sc.kv, sc.agg)
             if cfg.units != "ffn":
                 pool += [(u[0] / w_unit, w_unit, i, "attn") for u in units[:-1]]
-            per_param = (sc.channel.double() / w_ch).sort().values
-            pool += [(float(v), w_ch, i, "mlp") for v in per_param[:-1].tolist()]
+            if cfg.units != "heads":
+                per_param = (sc.channel.double() / w_ch).sort().values
+                pool += [(float(v), w_ch, i, "mlp") for v in per_param[:-1].tolist()]
     pool.sort(key=lambda p: p[0])
     target = cfg.ratio * decoder_param_count(a) + budget_shift
     removed, counts = 0, [[0, 0] for _ in scores]
     for _, w, i, kind_ in pool:
         if removed + w > target:
-            if kind_ == "attn":
+            if kind_ == "attn" and cfg.units != "heads":
                 continue  # a large unit that would overshoot: a channel may still fit
             break
         removed += w

@@ -1,0 +1,440 @@
+"""Recipes: pruning stages run in order, to a target fraction of all parameters.
+
+A recipe is a YAML file (or a built-in name: ``flab``, ``shortgpt``; see
+``codeprune/recipes/``) listing stages; Flab-Pruner (ALGORITHMS.md §2) is the
+built-in ``flab``: vocabulary, then layers, then FFN width.
+
+    name: flab
+    target: 0.22                  # default for --target (fraction of all parameters)
+    stages:
+      - stage: vocab              # tokens the calibration corpus never uses
+        min_count: 1
+        share: 0.4
+      - stage: layers             # greedy, re-scored after every removal
+        metric: kl
+        share: 0.3
+      - stage: ffn                # the same FFN width removed in every layer
+        method: wanda-sp
+        share: 0.3
+
+Stages (every key besides ``stage`` is an option of that stage):
+
+``vocab``    ``min_count`` (1), ``corpus`` (a source or a list; ``code`` = every
+             language corpus present; default: the run's calibration source),
+             ``max_files`` (count on at most this many files per corpus), ``share``.
+             Tokens are counted on the *calibration split* of each corpus (never
+             its held-out files). Without ``share`` it removes every token used
+             fewer than ``min_count`` times; with one it removes at most its
+             budget (rarest first, see ``vocab.select_vocab``) and never a token
+             used ``min_count`` times or more.
+``layers``   ``metric`` (kl, bi, bi-last), ``n`` (layers to remove) or ``share``,
+             ``samples`` / ``tokens`` (calibration windows and tokens per window
+             the greedy search scores on; default all), ``batch_size``.
+``ffn``      ``method`` (a structured method: wanda-sp, the default, flap,
+             magnitude-sp, taylor), ``ratio`` (fraction of decoder parameters) or
+             ``share``, and that method's options. Uniform by default: every layer
+             keeps the same width, the config stays vanilla.
+``heads``    the same for attention heads only (``units: heads``).
+a structured method name (flap, wanda-sp, magnitude-sp, taylor): heads and FFN
+             channels, ``ratio`` or ``share`` and the method's options.
+an unstructured method name (magnitude, wanda, sparsegpt): ``sparsity`` and
+             ``pattern``. Zeroed weights are not removed parameters: such a stage
+             never counts toward the target (the report gives its sparsity).
+
+How ``--target`` is split. Let P be the dense model's parameter count (tied
+embeddings once) and G = round(target * P) the parameters to remove. Stages run
+in order; a stage with a ``share`` gets the budget
+
+    B_k = (G - removed so far) * share_k / (sum of the shares of stage k and the later ones)
+
+so shares are relative weights, a stage that removes less than its budget
+(vocabulary when few tokens are unused, layers when rounding down) leaves the
+difference to the stages after it in proportion to their shares, and the last
+stage with a share takes exactly what is left. A ``layers`` stage removes
+round(B_k / parameters per layer) whole layers; a structured stage gets the
+ratio B_k / (decoder parameters now). A recipe whose last budgeted stage is
+fine-grained (ffn, heads, a structured method) lands within a fraction of a
+point of the target; the report says by how much (``target_error``) either way.
+Stages with a fixed amount (``n``, ``ratio``, a vocab stage without ``share``)
+remove what they remove, and the budgeted ones share the rest.
+
+After a ``vocab`` stage, the calibration windows are rewritten for the pruned
+tokenizer (same bytes, ``vocab.remap_ids``, cut back to the window length) and
+perplexity is measured on the original held-out windows per *original* token
+(``evaluate.perplexity.perplexity_remapped``), so every figure compares with the
+dense model's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+LAYER_KEYS = {"metric", "n", "share", "samples", "tokens", "batch_size"}
+VOCAB_KEYS = {"min_count", "corpus", "max_files", "share"}
+STRUCTURED_OPTIONS = {"structure", "metric", "compensation", "head_unit", "attn_square", "scope",
+                      "importance", "aggregation", "checkpointing", "seed"}
+
+
+@dataclass
+class Stage:
+    kind: str  # vocab | layers | ffn | heads | a method name
+    options: dict = field(default_factory=dict)
+
+    @property
+    def share(self) -> float | None:
+        return self.options.get("share")
+
+    @property
+    def method(self) -> str | None:
+        if self.kind in ("ffn", "heads"):
+            return self.options.get("method", "wanda-sp")
+        return None if self.kind in ("vocab", "layers") else self.kind
+
+    def describe(self) -> dict:
+        return {"stage": self.kind, **self.options}
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[Stage]
+    description: str = ""
+    target: float | None = None
+    source: str = ""
+
+    @property
+    def budgeted(self) -> list[int]:
+        return [i for i, s in enumerate(self.stages) if s.share is not None]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "description": self.description,
+                "target": self.target, "stages": [s.describe() for s in self.stages]}
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    """A built-in recipe by name, or a YAML file; ConfigError on anything malformed."""
+    import yaml
+
+    path = builtin_recipes().get(str(spec)) or Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"recipe '{spec}' is neither a built-in ({', '.join(builtin_recipes())}) "
+                          "nor a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    source = "built-in" if path.parent == BUILTIN_DIR else str(path)
+    return parse_recipe(data, source=source, default_name=path.stem)
+
+
+def parse_recipe(data, *, source: str = "", default_name: str = "recipe") -> Recipe:
+    where = f"recipe {source or default_name}"
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
+        raise ConfigError(f"{where}: needs a non-empty 'stages' list")
+    unknown = set(data) - {"name", "description", "target", "stages"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    stages = []
+    for k, raw in enumerate(data["stages"]):
+        if not isinstance(raw, dict) or "stage" not in raw:
+            raise ConfigError(f"{where}, stage {k + 1}: a mapping with a 'stage' key is needed")
+        options = {key: value for key, value in raw.items() if key != "stage"}
+        stage = Stage(str(raw["stage"]), options)
+        check_stage(stage, f"{where}, stage {k + 1} ({stage.kind})")
+        stages.append(stage)
+    if sum(s.kind == "vocab" for s in stages) > 1:
+        raise ConfigError(f"{where}: at most one vocab stage")
+    target = data.get("target")
+    if target is not None:
+        check_target(target)
+    return Recipe(str(data.get("name") or default_name), stages, str(data.get("description") or ""),
+                  target, source)
+
+
+def check_target(target) -> float:
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < 1:
+        raise ConfigError(f"target must be a fraction of all parameters in (0, 1), got {target!r}")
+    return float(target)
+
+
+def _number(where: str, key: str, value, *, integer: bool = False, low: float = 0.0,
+            high: float | None = None, closed_low: bool = False):
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and (value >= low if closed_low else value > low)
+    ok = ok and (high is None or value < high)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = f">= {low:g}" if closed_low else f"> {low:g}"
+        raise ConfigError(f"{where}: '{key}' must be {kind} {bound}"
+                          + (f" and < {high:g}" if high is not None else "") + f", got {value!r}")
+    return value
+
+
+def check_stage(stage: Stage, where: str) -> None:
+    """Raise ConfigError for unknown stages, unknown keys and bad values (before any work)."""
+    from .layers import LAYER_METRICS
+    from .methods import METHODS, is_structured, make_pruner
+
+    o = stage.options
+    if "share" in o:
+        _number(where, "share", o["share"])
+    if stage.kind == "vocab":
+        _unknown(where, o, VOCAB_KEYS)
+        _number(where, "min_count", o.get("min_count", 1), integer=True, low=1, closed_low=True)
+        if o.get("max_files") is not None:
+            _number(where, "max_files", o["max_files"], integer=True, low=1, closed_low=True)
+        corpus = o.get("corpus")
+        if corpus is not None and not (isinstance(corpus, str) or (
+                isinstance(corpus, list) and corpus and all(isinstance(c, str) for c in corpus))):
+            raise ConfigError(f"{where}: 'corpus' must be a source or a list of sources")
+        return
+    if stage.kind == "layers":
+        _unknown(where, o, LAYER_KEYS)
+        if o.get("metric", "kl") not in LAYER_METRICS:
+            raise ConfigError(f"{where}: unknown metric '{o['metric']}': choose {', '.join(LAYER_METRICS)}")
+        if ("n" in o) == ("share" in o):
+            raise ConfigError(f"{where}: give exactly one of 'n' (layers to remove) and 'share'")
+        if "n" in o:
+            _number(where, "n", o["n"], integer=True, low=1, closed_low=True)
+        for key in ("samples", "tokens", "batch_size"):
+            if key in o:
+                _number(where, key, o[key], integer=True, low=1 if key != "tokens" else 2, closed_low=True)
+        return
+    method = stage.method
+    if method not in METHODS:
+        raise ConfigError(f"{where}: unknown stage '{stage.kind}': choose vocab, layers, ffn, heads or a "
+                          f"method ({', '.join(sorted(METHODS))})")
+    if is_structured(method):
+        allowed = STRUCTURED_OPTIONS | {"ratio", "share"}
+        if stage.kind in ("ffn", "heads"):
+            allowed = allowed | {"method"}
+        _unknown(where, o, allowed)
+        if ("ratio" in o) == ("share" in o):
+            raise ConfigError(f"{where}: give exactly one of 'ratio' (of decoder parameters) and 'share'")
+        make_pruner(method, **structured_options(stage, o.get("ratio", 0.1)))  # validates the options
+        return
+    if stage.kind in ("ffn", "heads"):
+        raise ConfigError(f"{where}: '{method}' is unstructured; an {stage.kind} stage needs a structured "
+                          "method (wanda-sp, flap, magnitude-sp, taylor)")
+    _unknown(where, o, {"sparsity", "pattern"})
+    make_pruner(method, sparsity=o.get("sparsity", 0.5), pattern=o.get("pattern", "unstructured"))
+
+
+def _unknown(where: str, options: dict, allowed: set[str]) -> None:
+    bad = set(options) - allowed
+    if bad:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(bad))} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def structured_options(stage: Stage, ratio: float) -> dict:
+    """The structured pruner's options for ``stage`` at ``ratio`` of the decoder."""
+    options = {k: v for k, v in stage.options.items() if k in STRUCTURED_OPTIONS}
+    if stage.kind in ("ffn", "heads"):
+        options["units"] = stage.kind
+        options.setdefault("structure", "uniform")  # one width everywhere: a vanilla config
+        options.setdefault("compensation", False)  # biases Qwen2 cannot store plainly
+    return {**options, "ratio": ratio}
+
+
+# -- running ------------------------------------------------------------------------
+
+
+@dataclass
+class RecipeState:
+    """What the stages share while a recipe runs."""
+
+    calib_ids: torch.Tensor  # calibration windows for the current tokenizer
+    calib_spec: str
+    text_field: str
+    device: object
+    batch_size: int
+    remap: object = None  # original-tokenizer ids -> current ids, after a vocab stage
+    notes: list[str] = field(default_factory=list)
+
+
+def total_params(lm) -> int:
+    from .report import count_parameters
+
+    return count_parameters(lm.model)[0]
+
+
+def run_recipe(lm, recipe: Recipe, *, target: float | None, state: RecipeState,
+               score=None) -> list[dict]:
+    """Run ``recipe``'s stages on ``lm`` in place; returns one record per stage.
+
+    ``score(lm, remap) -> ppl or None`` is called after every stage (per-stage perplexity)."""
+    if recipe.budgeted and target is None:
+        raise ConfigError(f"recipe '{recipe.name}' splits a target across its stages: give --target")
+    if target is not None and not recipe.budgeted:
+        raise ConfigError(f"recipe '{recipe.name}' has no stage with a 'share': --target cannot be split "
+                          "(give shares, or drop --target)")
+    dense = total_params(lm)
+    goal = round(target * dense) if target is not None else 0
+    records = []
+    for k, stage in enumerate(recipe.stages):
+        before = total_params(lm)
+        budget = None
+        if stage.share is not None:
+            weights = sum(recipe.stages[j].share for j in recipe.budgeted if j >= k)
+            budget = max(0, round((goal - (dense - before)) * stage.share / weights))
+        start = time.perf_counter()
+        details = _run_stage(lm, stage, budget, state)
+        seconds = time.perf_counter() - start
+        after = total_params(lm)
+        record = {"stage": stage.kind, "method": stage.method, "options": dict(stage.options),
+                  "budget_params": budget, "params_before": before, "params_after": after,
+                  "removed_params": before - after, "removed_fraction": (before - after) / dense,
+                  "seconds": seconds, **details}
+        if score is not None:
+            record["ppl"] = score(lm, state.remap)
+        records.append(record)
+        tqdm.write(f"stage {k + 1}/{len(recipe.stages)} {stage.kind}: removed {before - after:,} parameters "
+                   f"({(before - after) / dense:.1%} of the dense model) in {seconds:.1f} s", file=sys.stderr)
+    return records
+
+
+def _run_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    if stage.kind == "vocab":
+        return _vocab_stage(lm, stage, budget, state)
+    if stage.kind == "layers":
+        return _layers_stage(lm, stage, budget, state)
+    from .methods import is_structured
+
+    if is_structured(stage.method):
+        return _structured_stage(lm, stage, budget, state)
+    return _sparse_stage(lm, stage, state)
+
+
+def _skipped(reason: str) -> dict:
+    return {"skipped": reason}
+
+
+def _corpus_texts(stage: Stage, state: RecipeState):
+    """(sources, calibration-split documents) the vocab stage counts on."""
+    from .data import read_source
+    from .data.calibration import split_documents
+    from .data.sources import code_corpora
+
+    corpus = stage.options.get("corpus") or state.calib_spec
+    specs = [corpus] if isinstance(corpus, str) else list(corpus)
+    if "code" in specs:
+        specs = [s for s in specs if s != "code"] + list(code_corpora().values())
+    specs = list(dict.fromkeys(specs))
+    limit = stage.options.get("max_files")
+    docs = []
+    for spec in specs:  # the calibration split only: held-out files stay unseen
+        calib, _ = split_documents(read_source(spec, text_field=state.text_field))
+        docs += sorted(calib, key=lambda d: d.id)[:limit]
+    return specs, docs
+
+
+def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    from .vocab import count_tokens, prune_vocab_, remap_ids, select_vocab
+
+    specs, docs = _corpus_texts(stage, state)
+    tok = lm.tokenizer
+    counts = count_tokens(tok, tqdm([d.text for d in docs], desc="counting tokens", unit="file", leave=False))
+    emb, head = lm.adapter.embed_tokens(), lm.adapter.lm_head()
+    tied = head.weight is emb.weight
+    per_token = emb.embedding_dim * (1 if tied else 2) + (0 if head.bias is None else 1)
+    max_removed = None if budget is None else budget // per_token
+    before = emb.num_embeddings
+    keep = select_vocab(tok, counts, stage.options.get("min_count", 1), max_removed=max_removed)
+    if len(keep) == before:
+        return {**_skipped("every token is kept"), "vocab_before": before, "vocab_after": before}
+    old_to_new = prune_vocab_(lm, keep)
+    new_tok, cache = lm.tokenizer, {}
+
+    def remap(ids):
+        return remap_ids(ids, tok, new_tok, old_to_new, cache)
+
+    state.remap = remap
+    L = state.calib_ids.shape[1]
+    state.calib_ids = torch.tensor([remap(row)[:L] for row in state.calib_ids], dtype=torch.long)
+    used = sum(1 for c in counts.values() if c >= stage.options.get("min_count", 1))
+    return {"vocab_before": before, "vocab_after": len(keep), "corpus": specs, "files": len(docs),
+            "tokens_counted": sum(counts.values()), "distinct_tokens_used": len(counts),
+            "tokens_at_min_count": used,
+            "capped": max_removed is not None and before - len(keep) >= max_removed,
+            "tied": tied}
+
+
+def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    from .layers import choose_layers, remove_layers_
+    from .structure import decoder_param_count
+
+    a = lm.adapter
+    before = a.num_layers
+    if "n" in stage.options:
+        n = stage.options["n"]
+    else:
+        per_layer = decoder_param_count(a) / before
+        n = round(budget / per_layer)
+    if n >= before:
+        raise ConfigError(f"layers stage: would remove {n} of the model's {before} layers")
+    metric = stage.options.get("metric", "kl")
+    if n < 1:
+        return {**_skipped(f"budget {budget:,} is under half a layer"), "metric": metric,
+                "layers_before": before, "layers_after": before}
+    ids = state.calib_ids[:stage.options.get("samples")]
+    ids = ids[:, :stage.options.get("tokens")]
+    drop = choose_layers(lm, ids.to(_device_of(lm)), n, metric=metric,
+                         batch_size=stage.options.get("batch_size", state.batch_size))
+    remove_layers_(lm, drop)
+    return {"metric": metric, "removed_layers": drop, "layers_before": before, "layers_after": a.num_layers,
+            "scored_on": {"windows": ids.shape[0], "tokens": ids.shape[1]}}
+
+
+def _device_of(lm) -> torch.device:
+    return next(lm.model.parameters()).device
+
+
+def _structured_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    from .methods import make_pruner
+    from .methods.structured import prune_structured_
+    from .structure import decoder_param_count
+
+    decoder = decoder_param_count(lm.adapter)
+    ratio = stage.options["ratio"] if budget is None else budget / decoder
+    if ratio <= 0:
+        return _skipped("no budget left")
+    pruner = make_pruner(stage.method, **structured_options(stage, ratio))
+    ids = state.calib_ids if pruner.uses_calibration else None
+    plan = prune_structured_(lm, pruner, ids, device=state.device, batch_size=state.batch_size)
+    out = {"ratio_decoder": ratio, "ratio_actual_decoder": 1 - decoder_param_count(lm.adapter) / decoder,
+           "structure": pruner.config.structure, "compensation": pruner.config.compensation,
+           "heads_per_layer": plan.heads_per_layer, "kv_heads_per_layer": plan.kv_heads_per_layer,
+           "ffn_per_layer": plan.ffn_per_layer, "notes": list(plan.notes)}
+    grads = getattr(pruner, "gradients", None)
+    if grads is not None:
+        out["gradient_pass"] = {"samples": grads.samples, "seconds": grads.seconds, "loss": grads.loss}
+    return out
+
+
+def _sparse_stage(lm, stage: Stage, state: RecipeState) -> dict:
+    from .methods import make_pruner
+    from .methods.base import prune_model_
+    from .report import linear_sparsity
+
+    o = stage.options
+    pruner = make_pruner(stage.method, sparsity=o.get("sparsity", 0.5),
+                         pattern=o.get("pattern", "unstructured"))
+    ids = state.calib_ids if pruner.needs_calibration else None
+    pruned = prune_model_(lm, pruner, ids, device=state.device, batch_size=state.batch_size)
+    return {"sparsity": pruner.config.sparsity, "pattern": pruner.config.pattern,
+            "sparsity_actual": linear_sparsity(lm.model, pruned)[0],
+            "note": "zeroed weights are not removed parameters: not counted toward the target"}
