@@ -4,7 +4,18 @@
     result = codeprune.prune("smollm2-135m", "wanda", sparsity=0.5, out="runs/wanda50")
 """
 
-from .api import PruneResult, compare, evaluate, instructions, load, prune, recover, report, sweep
+from .api import (
+    PruneResult,
+    compare,
+    distill_data,
+    evaluate,
+    instructions,
+    load,
+    prune,
+    recover,
+    report,
+    sweep,
+)
 from .errors import (
     CodepruneError,
     ConfigError,
@@ -22,6 +33,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CodepruneError", "ConfigError", "CorpusError", "CorruptModelError", "LoadedModel",
     "ModelNotFoundError", "ModelNotInstalledError", "OutputExistsError", "PruneResult",
-    "UnsupportedArchitectureError", "compare", "evaluate", "instructions", "load", "prune", "recover",
-    "report", "sweep",
+    "UnsupportedArchitectureError", "compare", "distill_data", "evaluate", "instructions", "load", "prune",
+    "recover", "report", "sweep",
 ]

@@ -1,5 +1,5 @@
 """The Python API: ``load``, ``prune``, ``evaluate``, ``sweep``, ``compare``, ``report``,
-``recover``, ``instructions`` (the CLI calls exactly these).
+``recover``, ``instructions``, ``distill_data`` (the CLI calls exactly these).
 
     import codeprune
     lm = codeprune.load("smollm2-135m")
@@ -12,6 +12,9 @@
     codeprune.report(["runs/wanda50", "runs/langs/python"], out="runs/report")
     codeprune.instructions("python:src/", out="data/instr.jsonl")
     codeprune.recover("runs/wanda50", "data/instr.jsonl", out="runs/wanda50-rec", epochs=1)
+    codeprune.prune("qwen2.5-coder-0.5b", recipe="flab", target=0.22, out="runs/q-flab-22")
+    codeprune.distill_data("qwen2.5-coder-0.5b", "runs/q-flab-22", "data/instr.jsonl",
+                           out="data/instr-flab.jsonl")
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from .data import calibration_windows, heldout_windows, read_source
 from .data.calibration import check_window_sizes
 from .engine import place_model, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, CorpusError
 from .evaluate import perplexity, protocol
 from .evaluate.efficiency import energy_tracker
 from .evaluate.humaneval import HumanEvalConfig, run_humaneval, write_samples
@@ -523,3 +526,41 @@ def sweep(model: str | LoadedModel, method: str = "wanda", **kwargs) -> dict:
     from .language_sweep import sweep as _sweep
 
     return _sweep(model, method, **kwargs)
+
+
+def distill_data(original: str | LoadedModel, pruned: str | LoadedModel, data: str, *,
+                 out: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
+                 dtype: str | torch.dtype = "float32", **options) -> tuple[list[dict], dict]:
+    """Flab-Pruner's code instruction data strategy: keep the examples of ``data`` the pruned
+    model gets wrong, with the original model's answer as target where it is correct;
+    written to ``out`` (.jsonl) when given. ``options`` are ``distill.DistillConfig``
+    fields (criterion, match_threshold, max_new_tokens, batch_size, limit, timeout,
+    memory_mb, workers). Returns (records, summary). See codeprune/distill.py."""
+    from .data.instructions import check_jsonl_output, write_jsonl
+    from .distill import DistillConfig, distill, read_rows
+
+    try:
+        cfg = DistillConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad distill-data option: {e}") from None
+    if out is not None:
+        check_jsonl_output(out, overwrite)
+    rows = read_rows(data, cfg.limit)  # fail fast on bad data, before loading two models
+    if any(r.has_tests for r in rows) and cfg.criterion != "match":
+        from .evaluate.sandbox import SandboxLimits, check_sandbox
+
+        check_sandbox(SandboxLimits(timeout=cfg.timeout, memory_mb=cfg.memory_mb))
+    dev = resolve_device(device)
+    models = []
+    for m in (original, pruned):
+        lm = m if isinstance(m, LoadedModel) else load(m, dtype=dtype)
+        place_model(lm, dev)
+        models.append(lm)
+    records, summary = distill(models[0], models[1], data, cfg)
+    summary.update(original=models[0].name, pruned=models[1].name)
+    if not records:
+        raise CorpusError(f"the pruned model answers all {summary['examples']} examples correctly by "
+                          f"criterion '{cfg.criterion}': nothing to distill")
+    if out is not None:
+        summary["out"] = str(write_jsonl(records, out, overwrite=overwrite))
+    return records, summary

@@ -7,6 +7,8 @@
     codeprune prune --model qwen2.5-coder-0.5b --recipe flab --target 0.22 --out runs/q-flab-22
     codeprune instructions --from python:src/ --out data/instr.jsonl
     codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
+    codeprune distill-data --original qwen2.5-coder-0.5b --pruned runs/q-flab-22 --data data/instr.jsonl \
+        --out data/instr-flab.jsonl
     codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval
     codeprune sweep --model smollm2-135m --calib-langs python,java --out runs/langs
     codeprune compare runs/langs/*
@@ -204,6 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--eval-fraction", type=float, default=0.05, help="share of files held out (by hash)")
     n.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
+    d = sub.add_parser("distill-data", help="Flab-Pruner's data strategy: the examples the pruned model gets "
+                                            "wrong, with the original model's correct answers as targets")
+    d.add_argument("--original", required=True, help="the model before pruning (alias, folder, hub id)")
+    d.add_argument("--pruned", required=True, help="the pruned checkpoint (folder)")
+    d.add_argument("--data", required=True, help="instruction data FILE.jsonl (Alpaca or chat; optional "
+                                                 "test / entry_point / prompt_code fields)")
+    d.add_argument("--out", required=True, help="output .jsonl for codeprune recover")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    d.add_argument("--criterion", default="auto", choices=["auto", "tests", "match"],
+                   help="correctness: run the example's tests, or similarity to the reference (auto: "
+                        "tests where present)")
+    d.add_argument("--match-threshold", type=float, default=0.6,
+                   help="similarity (difflib ratio) from which an answer counts as correct (default 0.6)")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    d.add_argument("--limit", type=int, help="only the first N examples")
+    d.add_argument("--timeout", type=float, default=10.0, help="seconds per test program (default 10)")
+    d.add_argument("--memory-mb", type=int, default=1024, help="memory per test program (default 1024)")
+    d.add_argument("--workers", type=int, help="test programs run at once (default min(4, cores))")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    d.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     r = sub.add_parser("report", help="one table (Markdown, JSON) and plots over many runs")
     r.add_argument("runs", nargs="+", help="run folders (with report.json)")
     r.add_argument("--out", help="output folder (default: report/ beside the runs)")
@@ -368,11 +393,28 @@ def cmd_instructions(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .api import distill_data
+
+    _, summary = distill_data(args.original, args.pruned, args.data, out=args.out, overwrite=args.overwrite,
+                              device=args.device, dtype=args.dtype, criterion=args.criterion,
+                              match_threshold=args.match_threshold, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, limit=args.limit, timeout=args.timeout,
+                              memory_mb=args.memory_mb, workers=args.workers)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{summary['examples']} examples: the pruned model answers {summary['pruned_correct']} "
+              f"correctly; kept {summary['kept']} ({summary['target_original']} with the original model's "
+              f"answer as target, {summary['target_reference']} with the reference) -> {summary['out']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"models": cmd_models, "prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep,
                "compare": cmd_compare, "report": cmd_report, "recover": cmd_recover,
-               "instructions": cmd_instructions}[args.command]
+               "instructions": cmd_instructions, "distill-data": cmd_distill}[args.command]
     try:
         return handler(args)
     except CodepruneError as e:

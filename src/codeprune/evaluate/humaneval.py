@@ -285,7 +285,6 @@ def _check_generation(n: int, temperature: float, top_p: float, max_new_tokens: 
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
 
 
-@torch.no_grad()
 def generate_completions(lm, problems: list[dict], *, n: int = 1, temperature: float = 0.0,
                          top_p: float = 0.95, max_new_tokens: int = 512, batch_size: int = 8,
                          prompt_format: str = "base", seed: int = 0) -> list[dict]:
@@ -294,11 +293,26 @@ def generate_completions(lm, problems: list[dict], *, n: int = 1, temperature: f
     Prompts are batched by length (left padding) and each sequence stops at its
     own stop sequence. Returns samples {task_id, completion, raw} in problem order."""
     _check_generation(n, temperature, top_p, max_new_tokens, batch_size)
+    prompts = [build_prompt(p, prompt_format, lm.tokenizer) for p in problems]
+    stops = STOP_SEQUENCES if prompt_format == "base" else INSTRUCT_STOP
+    texts = generate_texts(lm, prompts, n=n, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, stops=stops, seed=seed,
+                           desc="humaneval generate")
+    return [{"task_id": p["task_id"], "completion": extract_completion(p, raw, prompt_format), "raw": raw}
+            for p, outs in zip(problems, texts, strict=True) for raw in outs]
+
+
+@torch.no_grad()
+def generate_texts(lm, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
+                   max_new_tokens: int = 512, batch_size: int = 8, stops=(), seed: int = 0,
+                   desc: str = "generate", add_special_tokens: bool = True) -> list[list[str]]:
+    """``n`` continuations of every prompt (greedy when temperature is 0): prompts batched by
+    length with left padding, each sequence stopped at its own stop string or EOS.
+    ``add_special_tokens=False`` for prompts that already hold them (chat templates)."""
     tok, model = lm.tokenizer, lm.model
     device = next(model.parameters()).device
-    prompts = [build_prompt(p, prompt_format, tok) for p in problems]
-    items = [(i, s) for i in range(len(problems)) for s in range(n)]
-    lengths = [len(tok(prompts[i]).input_ids) for i in range(len(problems))]
+    items = [(i, s) for i in range(len(prompts)) for s in range(n)]
+    lengths = [len(tok(p, add_special_tokens=add_special_tokens).input_ids) for p in prompts]
     items.sort(key=lambda it: -lengths[it[0]])  # similar lengths share a batch
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     old_side, tok.padding_side = tok.padding_side, "left"
@@ -308,15 +322,16 @@ def generate_completions(lm, problems: list[dict], *, n: int = 1, temperature: f
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    stops = STOP_SEQUENCES if prompt_format == "base" else INSTRUCT_STOP
-    kwargs.update(stop_strings=list(stops), tokenizer=tok)
+    if stops:
+        kwargs.update(stop_strings=list(stops), tokenizer=tok)
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=len(items), desc="humaneval generate", unit="sample")
+        bar = tqdm(total=len(items), desc=desc, unit="sample")
         for b, start in enumerate(range(0, len(items), batch_size)):
             batch = items[start:start + batch_size]
-            enc = tok([prompts[i] for i, _ in batch], return_tensors="pt", padding=True).to(device)
+            enc = tok([prompts[i] for i, _ in batch], return_tensors="pt", padding=True,
+                      add_special_tokens=add_special_tokens).to(device)
             torch.manual_seed(seed + b)
             out = model.generate(**enc, **kwargs)
             new = out[:, enc.input_ids.shape[1]:]
@@ -327,13 +342,7 @@ def generate_completions(lm, problems: list[dict], *, n: int = 1, temperature: f
     finally:
         tok.padding_side = old_side
         model.train(was_training)
-    samples = []
-    for i, p in enumerate(problems):
-        for s in range(n):
-            raw = texts[(i, s)]
-            samples.append({"task_id": p["task_id"], "completion": extract_completion(p, raw, prompt_format),
-                            "raw": raw})
-    return samples
+    return [[texts[(i, s)] for s in range(n)] for i in range(len(prompts))]
 
 
 def generate_completions_vllm(model_path: str | Path, tokenizer, problems: list[dict], *, n: int = 1,
