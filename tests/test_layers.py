@@ -53,6 +53,25 @@ def test_kl_picks_the_layer_whose_removal_changes_the_output_least(model_type):
     assert lm.adapter.num_layers == 5  # scoring leaves the model whole
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_cached_prefix_kl_equals_brute_force_for_every_candidate(model_type):
+    from codeprune.layers import _reference, _removal_kl
+
+    lm = make_tiny(model_type, num_hidden_layers=5)
+    x = ids(n=5)
+    ref = _reference(lm, x, batch_size=2)
+    originals = lm.adapter.layers()
+    keep = [0, 1, 3, 4]  # after a first removal: positions and original indices differ
+    scores = _removal_kl(lm, keep, originals, ref, x, batch_size=2)
+    lm.adapter.set_layers(originals)
+    for cand in keep:
+        other = by_hand(lm, 2)
+        layers = list(other.model.model.layers)
+        del layers[keep.index(cand)]
+        other.model.model.layers = nn.ModuleList(layers)
+        assert scores[cand] == pytest.approx(kl(lm.model, other.model, x), rel=1e-4, abs=1e-7)
+
+
 def test_removing_by_hand_and_by_the_method_give_the_same_model():
     lm = make_tiny("qwen2", num_hidden_layers=5)
     x = ids()

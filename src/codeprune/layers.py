@@ -40,25 +40,15 @@ def _swap_layers(lm, keep: list[int], originals: nn.ModuleList) -> None:
 
 
 @torch.no_grad()
-def _log_probs(lm, input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """float32 log-softmax of the next-token logits, one (B, L, V) tensor per batch."""
+def _reference(lm, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, float]]:
+    """Per batch: the next-token probabilities P (float32, (B, L, V)) and sum(P log P)."""
     out = []
     for k in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[k:k + batch_size]
-        out.append(F.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), dim=-1))
+        logp = F.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        p = logp.exp()
+        out.append((p, float((p * logp).sum())))
     return out
-
-
-@torch.no_grad()
-def _kl_to(reference: list[torch.Tensor], lm, input_ids: torch.Tensor, batch_size: int) -> float:
-    """Mean over tokens of KL(P_ref || P_model)."""
-    total, count = 0.0, 0
-    for ref, k in zip(reference, range(0, input_ids.shape[0], batch_size), strict=True):
-        logits = lm.model(input_ids=input_ids[k:k + batch_size], use_cache=False).logits
-        logq = F.log_softmax(logits.float(), dim=-1)
-        total += float((ref.exp() * (ref - logq)).sum(-1).sum())
-        count += ref.shape[0] * ref.shape[1]
-    return total / count
 
 
 @torch.no_grad()
@@ -95,6 +85,48 @@ def block_influence(lm, input_ids: torch.Tensor, *, last_token: bool = False,
     return [s / count for s in sums]
 
 
+@torch.no_grad()
+def _removal_kl(lm, keep: list[int], originals: nn.ModuleList, reference: list[tuple[torch.Tensor, float]],
+                input_ids: torch.Tensor, batch_size: int) -> dict[int, float]:
+    """KL(P_ref || P) of the model made of layers ``keep`` with each one of them left out.
+
+    One forward pass over the current layers records every layer's input (and its
+    keyword arguments: masks and position embeddings, per layer since layer types
+    may differ); leaving out the layer at position j then only runs the layers after
+    it, from the recorded input: half the work of re-running the whole model for
+    every candidate."""
+    a = lm.adapter
+    _swap_layers(lm, keep, originals)
+    layers = list(a.layers())
+    totals = {c: 0.0 for c in keep}
+    count = 0
+    for (p, negentropy), k in zip(reference, range(0, input_ids.shape[0], batch_size), strict=True):
+        inputs: list[torch.Tensor] = []
+        kwargs: list[dict] = []
+
+        def pre(module, args, kw, inputs=inputs, kwargs=kwargs):
+            inputs.append(args[0] if args else kw["hidden_states"])
+            kwargs.append({key: v for key, v in kw.items() if key != "hidden_states"})
+
+        handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]
+        try:
+            a.decoder(input_ids=input_ids[k:k + batch_size], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        for j, cand in enumerate(keep):
+            h = inputs[j]
+            for t in range(j + 1, len(layers)):
+                out = layers[t](h, **kwargs[t])
+                h = out[0] if isinstance(out, tuple) else out
+            logits = a.lm_head()(a.final_norm()(h)).float()
+            # sum P (log P - log Q), with log Q = logits - logsumexp(logits) and sum P = 1
+            cross = (p * logits).sum(-1) - torch.logsumexp(logits, dim=-1)
+            totals[cand] += negentropy - float(cross.sum())
+        count += p.shape[0] * p.shape[1]
+    return {c: v / count for c, v in totals.items()}
+
+
 def choose_layers(lm, input_ids: torch.Tensor, n: int, *, metric: str = "kl",
                   batch_size: int = 8) -> list[int]:
     """The ``n`` layers (original indices, in removal order) whose greedy removal changes the
@@ -108,14 +140,11 @@ def choose_layers(lm, input_ids: torch.Tensor, n: int, *, metric: str = "kl",
         raise ConfigError("layer removal needs calibration windows")
     originals = lm.adapter.layers()
     keep, chosen = list(range(total)), []
-    reference = _log_probs(lm, input_ids, batch_size) if metric == "kl" else None
+    reference = _reference(lm, input_ids, batch_size) if metric == "kl" else None
     try:
         for _ in tqdm(range(n), desc=f"layers ({metric})", unit="layer"):
             if metric == "kl":
-                scores = {}
-                for cand in keep:
-                    _swap_layers(lm, [i for i in keep if i != cand], originals)
-                    scores[cand] = _kl_to(reference, lm, input_ids, batch_size)
+                scores = _removal_kl(lm, keep, originals, reference, input_ids, batch_size)
             else:
                 _swap_layers(lm, keep, originals)
                 bi = block_influence(lm, input_ids, last_token=metric == "bi-last", batch_size=batch_size)
