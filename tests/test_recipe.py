@@ -116,6 +116,8 @@ def test_target_split_across_layers_and_ffn(code_dir, tmp_path):
 def test_vocab_stage_then_layers_with_remapped_windows(code_dir, tmp_path):
     lm = make_tiny("llama", **DEEP)
     old_tok = lm.tokenizer
+    lm.model.save_pretrained(tmp_path / "orig")
+    old_tok.save_pretrained(tmp_path / "orig")
     rec = recipe({"stage": "vocab", "min_count": 200, "max_files": 3}, {"stage": "layers", "n": 1})
     res = run(lm, code_dir, rec, out=tmp_path / "v")
     r = res.report
@@ -134,6 +136,15 @@ def test_vocab_stage_then_layers_with_remapped_windows(code_dir, tmp_path):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     plain = AutoModelForCausalLM.from_pretrained(res.out)
     assert plain.get_input_embeddings().num_embeddings == vocab["vocab_after"]
+    # eval with the original's tokenizer reproduces the recipe's comparable perplexity
+    calib = f"python:{code_dir}"
+    scores = codeprune.evaluate(str(res.out), ppl=[calib], seq_len=32, windows=2, efficiency=False,
+                                ppl_tokenizer=str(tmp_path / "orig"))["perplexity"][calib]
+    assert scores["ppl"] == pytest.approx(r["ppl_pruned"], rel=1e-4)
+    assert scores["model_tokens"] > scores["tokens"] and "per its tokens" in scores["protocol"]
+    with pytest.raises(ConfigError, match="not a pruned version"):
+        codeprune.evaluate(str(tmp_path / "orig"), ppl=[calib], seq_len=32, windows=2, efficiency=False,
+                           ppl_tokenizer=str(res.out))
 
 
 def test_vocab_share_caps_the_vocab_stage(code_dir):

@@ -34,6 +34,7 @@ from .errors import ConfigError, CorpusError
 from .evaluate import perplexity, protocol
 from .evaluate.efficiency import energy_tracker
 from .evaluate.humaneval import HumanEvalConfig, run_humaneval, write_samples
+from .evaluate.perplexity import perplexity_remapped
 from .export import check_output, save_checkpoint
 from .methods import make_pruner
 from .methods.base import prune_model_
@@ -194,7 +195,6 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
 def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_field, device, offload,
                   batch_size, out, overwrite, eval_ppl, eval_windows, efficiency, dtype) -> PruneResult:
     """``prune`` with a recipe: stages in order to ``target`` of all parameters (recipe.py)."""
-    from .evaluate.perplexity import perplexity_remapped
     from .recipe import Recipe, RecipeState, check_target, load_recipe, run_recipe
     from .structure import needs_modeling_file
 
@@ -378,7 +378,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
              humaneval: bool | HumanEvalConfig = False, efficiency: bool = True, seq_len: int = 512,
              windows: int = 32, device: str = "cpu", text_field: str = "text", offload: bool = False,
              dtype: str | torch.dtype = "float32", out: str | Path | None = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, ppl_tokenizer: str | None = None) -> dict:
     """Evaluate a model: held-out perplexity per source, HumanEval pass@k, efficiency.
 
     ``ppl``: sources scored on their held-out split (``code-ppl`` = every language
@@ -389,6 +389,9 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     tokens/s at batch 1 and 8, peak memory, energy estimate. With ``offload`` the model stays on the
     CPU and one layer at a time runs on ``device``. With ``out``: report.json,
     report.md (and humaneval_samples.jsonl) written there atomically.
+    ``ppl_tokenizer`` (a model name: the original of a vocabulary-pruned model) cuts the
+    held-out windows with that model's tokenizer and scores them per *its* tokens
+    (evaluate.perplexity.perplexity_remapped), so the figure compares with the original's.
     Returns {"model", "perplexity": {spec: {...}}, "humaneval": {...}, "efficiency": {...}, ...}."""
     he = HumanEvalConfig() if humaneval is True else humaneval or None
     if ppl is None:
@@ -434,11 +437,30 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     else:
         result["model"] = str(model) if model is not None else None
     if corpora:
+        remap, window_tok = None, lm.tokenizer
+        if ppl_tokenizer is not None:
+            from .models.sources import load_tokenizer
+            from .vocab import id_map, remap_ids
+
+            if offload:
+                raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
+            window_tok = load_tokenizer(ppl_tokenizer)
+            old_to_new, cache = id_map(window_tok, lm.tokenizer), {}
+
+            def remap(ids):
+                return remap_ids(ids, window_tok, lm.tokenizer, old_to_new, cache)
+
         results = {}
         for corpus, lang in corpora:
-            held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=windows)
-            scores = perplexity(lm, held, desc=f"ppl {corpus.spec}", offload_device=dev if offload else None)
-            results[corpus.spec] = {**scores, "language": lang, "protocol": protocol(held)}
+            held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
+            if remap is not None:
+                scores = perplexity_remapped(lm, held, remap, desc=f"ppl {corpus.spec}")
+                note = f"; windows cut by the tokenizer of {ppl_tokenizer}, ppl per its tokens"
+            else:
+                scores = perplexity(lm, held, desc=f"ppl {corpus.spec}",
+                                    offload_device=dev if offload else None)
+                note = ""
+            results[corpus.spec] = {**scores, "language": lang, "protocol": protocol(held) + note}
         result["perplexity"] = results
     if offload and not vllm and (efficiency or (he is not None and he.completions is None)):
         place_model(lm, dev)  # generation and speed need the whole model on the device

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source to score on its held-out split (repeatable); code-ppl = every language "
                         "corpus present; default python-stdlib when nothing else is asked")
     e.add_argument("--windows", type=int, default=32, help="held-out windows per source (default 32)")
+    e.add_argument("--ppl-tokenizer", metavar="MODEL",
+                   help="cut the windows with this model's tokenizer and score per its tokens: give the "
+                        "original of a vocabulary-pruned model so that the perplexities compare")
     e.add_argument("--efficiency", action="store_true",
                    help="size, disk, MACs/token, prefill/decode tokens/s, memory, energy (the default)")
     e.add_argument("--no-efficiency", action="store_true", help="skip the efficiency measurements")
@@ -311,7 +314,7 @@ def cmd_eval(args) -> int:
     res = evaluate(args.model, ppl=args.ppl, humaneval=humaneval, efficiency=not args.no_efficiency,
                    seq_len=args.seq_len, windows=args.windows, device=args.device,
                    text_field=args.text_field, offload=args.offload, dtype=args.dtype, out=args.out,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, ppl_tokenizer=args.ppl_tokenizer)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -104,6 +104,17 @@ def select_vocab(tokenizer, counts: Counter, min_count: int = 1, *,
     return sorted({vocab[t] for t in keep} | added)
 
 
+def id_map(old_tokenizer, new_tokenizer) -> dict[int, int]:
+    """old id -> new id by token string, for a tokenizer and its pruned version (a pruned
+    vocabulary is a subset of the original: anything else is refused)."""
+    old_vocab, new_vocab = old_tokenizer.get_vocab(), new_tokenizer.get_vocab()
+    foreign = [t for t in new_vocab if t not in old_vocab]
+    if foreign:
+        raise ConfigError(f"the model's tokenizer is not a pruned version of the reference tokenizer "
+                          f"({len(foreign)} tokens it has are unknown to the reference, e.g. {foreign[0]!r})")
+    return {i: new_vocab[t] for t, i in old_vocab.items() if t in new_vocab}
+
+
 def remap_ids(ids, old_tokenizer, new_tokenizer, old_to_new: dict[int, int],
               cache: dict[int, list[int]] | None = None) -> list[int]:
     """Token ids of the original tokenizer -> ids of the pruned one for the *same bytes*: a

@@ -328,6 +328,22 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32") -> LoadedMode
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, origin=origin)
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of ``name`` (alias, .gguf, folder or hub id) without loading weights."""
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(name)
+    if kind == "alias":
+        where = ensure_cached(str(where))
+    elif kind == "gguf":
+        where = _gguf_cache(Path(where))
+    try:
+        return AutoTokenizer.from_pretrained(str(where))
+    except Exception as e:
+        err = CorruptModelError if kind in ("folder", "alias", "gguf") else ModelNotFoundError
+        raise err(f"cannot load the tokenizer of '{name}': {_first_line(e)}") from e
+
+
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
