@@ -81,6 +81,7 @@ def test_recovery_lowers_the_held_out_loss_and_merges_into_a_plain_checkpoint(tm
     assert r["export"] == "plain" and r["lora"]["r"] == 8 and r["lora"]["alpha"] == 16
     assert (res.out / "report.md").is_file() and (res.out / "loss.png").is_file()
     assert (res.out / "adapter" / "adapter_config.json").is_file()
+    assert not list(res.out.rglob("*.bin")) and not list(res.out.rglob("*.pt"))  # no pickles
     assert not (tmp_path / "rec.checkpoints").exists()
     plain = AutoModelForCausalLM.from_pretrained(res.out)  # no peft, no remote code
     assert not any("lora" in n for n, _ in plain.named_parameters())

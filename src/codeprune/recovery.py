@@ -394,7 +394,9 @@ def _save(lm, out: Path, overwrite: bool, report: dict, adapter_dir: Path) -> Pa
     from .export import save_checkpoint
 
     def extra(folder: Path) -> None:
-        shutil.copytree(adapter_dir, folder / "adapter")
+        # the Trainer's training_args.bin is a pickle: codeprune writes none (recover_options.json
+        # and report.json hold the settings)
+        shutil.copytree(adapter_dir, folder / "adapter", ignore=shutil.ignore_patterns("*.bin"))
         _plot_losses(report, folder / "loss.png")
 
     return save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_recover_markdown,

@@ -24,8 +24,9 @@ from ..models.sources import LoadedModel
 
 
 def disk_bytes(folder: str | Path) -> int:
-    """Bytes of every file under ``folder`` (weights, config, tokenizer, reports)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    """Bytes of the checkpoint's own files in ``folder`` (weights, config, tokenizer, reports);
+    sub-folders (a recovery's LoRA ``adapter/``) are not part of what one deploys."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
 
 
 def macs_per_token(lm: LoadedModel, context: int, *, nonzero: bool = False) -> int:
