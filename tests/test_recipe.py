@@ -118,12 +118,12 @@ def test_vocab_stage_then_layers_with_remapped_windows(code_dir, tmp_path):
     old_tok = lm.tokenizer
     lm.model.save_pretrained(tmp_path / "orig")
     old_tok.save_pretrained(tmp_path / "orig")
-    rec = recipe({"stage": "vocab", "min_count": 200, "max_files": 3}, {"stage": "layers", "n": 1})
-    res = run(lm, code_dir, rec, out=tmp_path / "v")
+    rec = recipe({"stage": "vocab", "min_count": 2, "max_files": 3}, {"stage": "layers", "n": 1})
+    res = run(lm, code_dir, rec, out=tmp_path / "v", min_count=200)  # the CLI's --min-count
     r = res.report
     vocab, layers = r["stages"]
     assert vocab["vocab_after"] < vocab["vocab_before"] == len(old_tok)
-    assert vocab["files"] == 3 and not vocab["capped"]
+    assert vocab["files"] == 3 and not vocab["capped"] and vocab["options"]["min_count"] == 200
     assert vocab["removed_params"] == (vocab["vocab_before"] - vocab["vocab_after"]) * 64 * 2  # untied
     assert r["vocab_size"] == vocab["vocab_after"] == res.model.model.config.vocab_size
     assert layers["removed_layers"] and r["num_layers"] == 5
@@ -196,6 +196,12 @@ def test_cli_recipe_file_and_errors(code_dir, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "x").exists()
     rc = main(["prune", "--model", "tiny", "--recipe", "flab", "--ratio", "0.2"])
     assert rc == 2
+    rc = main(["prune", "--model", "tiny", "--method", "wanda", "--min-count", "3"])
+    assert rc == 2 and "vocab stage" in capsys.readouterr().err
+    rc = main(["prune", "--model", "tiny", "--recipe", "shortgpt", "--min-count", "3"])
+    assert rc == 2 and "no vocab stage" in capsys.readouterr().err
+    rc = main(["prune", "--model", "tiny", "--recipe", "flab", "--min-count", "0"])
+    assert rc == 2 and "min_count" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import time
@@ -113,7 +114,11 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     Recipes: ``recipe`` (a built-in name such as "flab", a YAML path, or a
     ``recipe.Recipe``) runs its stages in order instead of one method, removing
     ``target`` (a fraction of *all* parameters; default the recipe's own) split
-    across the stages as codeprune/recipe.py documents; the report lists every stage."""
+    across the stages as codeprune/recipe.py documents; ``min_count`` overrides its
+    vocab stage's; the report lists every stage."""
+    min_count = method_options.pop("min_count", None)
+    if min_count is not None and recipe is None:
+        raise ConfigError("--min-count is an option of a recipe's vocab stage: give --recipe")
     if recipe is not None:
         if method is not None or sparsity is not None or ratio is not None or pattern != "unstructured":
             raise ConfigError("a recipe brings its own methods: drop --method / --sparsity / --pattern / "
@@ -123,7 +128,8 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
         return _prune_recipe(model, recipe, target=target, calib=calib, samples=samples, seq_len=seq_len,
                              seed=seed, text_field=text_field, device=device, offload=offload,
                              batch_size=batch_size, out=out, overwrite=overwrite, eval_ppl=eval_ppl,
-                             eval_windows=eval_windows, efficiency=efficiency, dtype=dtype)
+                             eval_windows=eval_windows, efficiency=efficiency, dtype=dtype,
+                             min_count=min_count)
     if target is not None:
         raise ConfigError("--target goes with --recipe; a single method takes --sparsity or --ratio")
     pruner = _make_method(method or "wanda", sparsity, pattern, ratio, method_options)
@@ -193,12 +199,20 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
 
 
 def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_field, device, offload,
-                  batch_size, out, overwrite, eval_ppl, eval_windows, efficiency, dtype) -> PruneResult:
-    """``prune`` with a recipe: stages in order to ``target`` of all parameters (recipe.py)."""
-    from .recipe import Recipe, RecipeState, check_target, load_recipe, run_recipe
+                  batch_size, out, overwrite, eval_ppl, eval_windows, efficiency, dtype,
+                  min_count=None) -> PruneResult:
+    """``prune`` with a recipe: stages in order to ``target`` of all parameters (recipe.py);
+    ``min_count`` overrides the vocab stage's."""
+    from .recipe import Recipe, RecipeState, check_stage, check_target, load_recipe, run_recipe
     from .structure import needs_modeling_file
 
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rec = copy.deepcopy(recipe) if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if min_count is not None:
+        vocab = [s for s in rec.stages if s.kind == "vocab"]
+        if not vocab:
+            raise ConfigError(f"--min-count: recipe '{rec.name}' has no vocab stage")
+        vocab[0].options["min_count"] = min_count
+        check_stage(vocab[0], "--min-count")
     target = check_target(target) if target is not None else rec.target
     if offload:
         raise ConfigError("recipes run the whole model on one device (the layer search compares full "

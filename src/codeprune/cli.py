@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float,
                    help="with --recipe: fraction of all parameters removed, split across its stages "
                         "(default: the recipe's)")
+    p.add_argument("--min-count", type=int,
+                   help="with --recipe: keep the tokens used at least this often on the calibration corpus "
+                        "(the vocab stage's min_count)")
     p.add_argument("--sparsity", type=float,
                    help="unstructured: fraction of weights removed per Linear (default 0.5)")
     p.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
@@ -273,7 +276,7 @@ def cmd_prune(args) -> int:
                   "head_unit": args.head_unit, "attn_square": args.attn_square, "scope": args.scope,
                   "units": args.units,
                   "importance": args.importance, "aggregation": args.aggregation,
-                  "checkpointing": args.checkpointing}
+                  "checkpointing": args.checkpointing, "min_count": args.min_count}
     result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, ratio=args.ratio,
                    recipe=args.recipe, target=args.target, **structured, calib=args.calib,
                    samples=args.samples, seq_len=args.seq_len, seed=args.seed,

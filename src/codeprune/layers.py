@@ -4,7 +4,9 @@ The layer stage of Flab-Pruner (ALGORITHMS.md §2) and ShortGPT's baseline. Gree
 one layer at a time, re-scoring the remaining layers after every removal:
 
     kl       KL(P_orig || P_pruned) of the next-token distributions on calibration
-             windows, mean over tokens: Flab-Pruner's objective (default)
+             windows, mean over tokens: Flab-Pruner's objective (default). Each
+             step records every layer's input once; leaving out the layer at
+             position j re-runs only the layers after it (``_removal_kl``)
     bi       ShortGPT's Block Influence 1 - cos(h_in, h_out), mean over tokens
     bi-last  the same at the last token of each window only (Flab's public code)
 
@@ -17,8 +19,8 @@ family (``from_pretrained``, ``generate`` with a cache, vLLM).
     drop = choose_layers(lm, calib.input_ids, n=4, metric="kl")
     remove_layers_(lm, drop)
 
-This module is the building block of issue 6's ``layers`` recipe stage; it is
-not yet a ``codeprune prune`` method of its own.
+The ``layers`` stage of a recipe (recipe.py, docs/recipes.md) calls these:
+``codeprune prune --recipe flab`` or ``--recipe shortgpt``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ Guarantees (tests/test_vocab.py):
   rows are sliced, never changed); tied embeddings stay tied.
 
 Only byte-level BPE fast tokenizers (GPT-2 / Llama-3 / Qwen / SmolLM style) are
-supported; anything else is refused with a ConfigError. This module is the
-building block of issue 6's ``vocab`` recipe stage.
+supported; anything else is refused with a ConfigError. The ``vocab`` stage of a
+recipe (recipe.py, docs/recipes.md) calls these; ``remap_ids`` / ``id_map`` let the
+pruned model be scored on windows cut by the original tokenizer.
 """
 
 from __future__ import annotations
