@@ -83,3 +83,15 @@ def smollm2():
     if not is_installed(spec):  # `make install` installs it; a bare pytest run may not have it
         pytest.skip(f"smollm2-135m not installed: {spec.pip_command}")
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def stdlib_dir(tmp_path):
+    """A calibration folder of 40 real standard-library modules (a fast python:DIR source)."""
+    from codeprune.data.sources import python_stdlib_dir
+
+    src = tmp_path / "code"
+    src.mkdir()
+    for path in sorted(python_stdlib_dir().glob("*.py"))[:40]:
+        (src / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    return src

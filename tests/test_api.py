@@ -6,18 +6,13 @@ from pathlib import Path
 import pytest
 
 import codeprune
-from codeprune.data.sources import python_stdlib_dir
 
 from .conftest import make_tiny
 
 
 @pytest.fixture
-def code_dir(tmp_path: Path) -> Path:
-    src = tmp_path / "code"
-    src.mkdir()
-    for path in sorted(python_stdlib_dir().glob("*.py"))[:40]:
-        (src / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-    return src
+def code_dir(stdlib_dir: Path) -> Path:
+    return stdlib_dir
 
 
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4"),

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 import codeprune
 from codeprune.cli import main
-from codeprune.data.sources import python_stdlib_dir
 from codeprune.errors import ConfigError
 from codeprune.recipe import builtin_recipes, load_recipe, parse_recipe
 
@@ -21,12 +20,8 @@ DEEP = dict(num_hidden_layers=6, intermediate_size=128)
 
 
 @pytest.fixture
-def code_dir(tmp_path: Path) -> Path:
-    src = tmp_path / "code"
-    src.mkdir()
-    for path in sorted(python_stdlib_dir().glob("*.py"))[:30]:
-        (src / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
-    return src
+def code_dir(stdlib_dir: Path) -> Path:
+    return stdlib_dir
 
 
 def recipe(*stages, target=None):

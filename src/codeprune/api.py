@@ -139,15 +139,8 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     if out is not None:
         check_output(out, overwrite)  # refuse before spending minutes on the model
     dev = resolve_device(device)
-    if eval_windows < 1:
-        raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
-    check_window_sizes(samples, seq_len)
-    corpus = read_source(calib, text_field=text_field)
-    lm = _as_loaded(model, dtype, seq_len)
-    calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
-    held = None
-    if eval_ppl:
-        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows)
+    lm, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
+                                   eval_windows if eval_ppl else None)
 
     def score(tag: str) -> float | None:
         if held is None:
@@ -203,7 +196,15 @@ def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_
                   min_count=None) -> PruneResult:
     """``prune`` with a recipe: stages in order to ``target`` of all parameters (recipe.py);
     ``min_count`` overrides the vocab stage's."""
-    from .recipe import Recipe, RecipeState, check_stage, check_target, load_recipe, run_recipe
+    from .recipe import (
+        Recipe,
+        RecipeState,
+        check_budget,
+        check_stage,
+        check_target,
+        load_recipe,
+        run_recipe,
+    )
     from .structure import needs_modeling_file
 
     rec = copy.deepcopy(recipe) if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -214,21 +215,15 @@ def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_
         vocab[0].options["min_count"] = min_count
         check_stage(vocab[0], "--min-count")
     target = check_target(target) if target is not None else rec.target
+    check_budget(rec, target)  # before minutes of loading
     if offload:
         raise ConfigError("recipes run the whole model on one device (the layer search compares full "
                           "forward passes): drop --offload")
     if out is not None:
         check_output(out, overwrite)
     dev = resolve_device(device)
-    if eval_windows < 1:
-        raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
-    check_window_sizes(samples, seq_len)
-    corpus = read_source(calib, text_field=text_field)
-    lm = _as_loaded(model, dtype, seq_len)
-    calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
-    held = None
-    if eval_ppl:
-        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows)
+    lm, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
+                                   eval_windows if eval_ppl else None)
     place_model(lm, dev)
 
     def score(m, remap, tag="pruned"):
@@ -289,6 +284,21 @@ def _model_shape(lm) -> dict:
             "heads_per_layer": [s["heads"] for s in sizes],
             "kv_heads_per_layer": [s["kv_heads"] for s in sizes],
             "ffn_per_layer": [s["intermediate"] for s in sizes]}
+
+
+def _prepare(model, calib: str, samples: int, seq_len: int, seed: int, text_field: str, dtype,
+             eval_windows: int | None) -> tuple[LoadedModel, object, object]:
+    """(model, calibration windows, held-out windows or None), sizes checked before any loading."""
+    if eval_windows is not None and eval_windows < 1:
+        raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
+    check_window_sizes(samples, seq_len)
+    corpus = read_source(calib, text_field=text_field)
+    lm = _as_loaded(model, dtype, seq_len)
+    calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
+    held = None
+    if eval_windows is not None:
+        held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows)
+    return lm, calib_set, held
 
 
 def _speed_fields(speed: dict) -> dict:

@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--original", required=True, help="the model before pruning (alias, folder, hub id)")
     d.add_argument("--pruned", required=True, help="the pruned checkpoint (folder)")
     d.add_argument("--data", required=True, help="instruction data FILE.jsonl (Alpaca or chat; optional "
-                                                 "test / entry_point / prompt_code fields)")
+                                                 "test / entry_point / prompt_code fields) or "
+                                                 "hf:NAME[:CONFIG]:SPLIT")
     d.add_argument("--out", required=True, help="output .jsonl for codeprune recover")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     d.add_argument("--criterion", default="auto", choices=["auto", "tests", "match"],

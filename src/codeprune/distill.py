@@ -1,7 +1,7 @@
 """Flab-Pruner's code instruction data strategy (``codeprune distill-data``).
 
 Recovery works best on what pruning broke. Given the original model, the pruned
-one and an instruction set:
+one and an instruction set (.jsonl or hf:, Alpaca or chat, as ``recover`` reads it):
 
 1. the pruned model answers every example (greedy, the prompt rendered exactly as
    ``codeprune recover`` renders it: the tokenizer's chat template, or the plain
@@ -37,7 +37,6 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import ConfigError, CorpusError
 
@@ -83,23 +82,13 @@ class DistillConfig:
 
 
 def read_rows(spec: str, limit: int | None = None) -> list[DistillRow]:
-    """Rows of a JSONL instruction file (Alpaca or chat, as ``codeprune recover`` reads them)."""
+    """Rows of an instruction set (.jsonl or hf:, Alpaca or chat, as ``codeprune recover``
+    reads them), each ending with the reference answer."""
+    from .data.instructions import read_rows as raw_rows
     from .data.instructions import to_messages
 
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise CorpusError(f"instruction file not found: {spec}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{spec} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise CorpusError(f"{where}: expected a JSON object")
+    for where, row in raw_rows(spec):
         messages = to_messages(row, where)
         if messages[-1]["role"] != "assistant":
             raise CorpusError(f"{where}: the conversation must end with the assistant's answer")

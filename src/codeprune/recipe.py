@@ -263,7 +263,6 @@ class RecipeState:
     device: object
     batch_size: int
     remap: object = None  # original-tokenizer ids -> current ids, after a vocab stage
-    notes: list[str] = field(default_factory=list)
 
 
 def total_params(lm) -> int:
@@ -272,16 +271,21 @@ def total_params(lm) -> int:
     return count_parameters(lm.model)[0]
 
 
-def run_recipe(lm, recipe: Recipe, *, target: float | None, state: RecipeState,
-               score=None) -> list[dict]:
-    """Run ``recipe``'s stages on ``lm`` in place; returns one record per stage.
-
-    ``score(lm, remap) -> ppl or None`` is called after every stage (per-stage perplexity)."""
+def check_budget(recipe: Recipe, target: float | None) -> None:
+    """A target needs a stage with a share, and a stage with a share needs a target."""
     if recipe.budgeted and target is None:
         raise ConfigError(f"recipe '{recipe.name}' splits a target across its stages: give --target")
     if target is not None and not recipe.budgeted:
         raise ConfigError(f"recipe '{recipe.name}' has no stage with a 'share': --target cannot be split "
                           "(give shares, or drop --target)")
+
+
+def run_recipe(lm, recipe: Recipe, *, target: float | None, state: RecipeState,
+               score=None) -> list[dict]:
+    """Run ``recipe``'s stages on ``lm`` in place; returns one record per stage.
+
+    ``score(lm, remap) -> ppl or None`` is called after every stage (per-stage perplexity)."""
+    check_budget(recipe, target)
     dense = total_params(lm)
     goal = round(target * dense) if target is not None else 0
     records = []

@@ -106,27 +106,33 @@ def to_messages(row: dict, where: str) -> list[dict]:
                       f"got {', '.join(sorted(row)) or 'none'}")
 
 
-def read_instructions(spec: str) -> InstructionSet:
-    """Read an instruction set (see the module docstring); CorpusError when missing or empty."""
+def read_rows(spec: str) -> list[tuple[str, dict]]:
+    """[(where, row)] of a .jsonl file or an ``hf:`` dataset, rows as they are (no checks
+    beyond JSON objects); ConfigError / CorpusError when missing."""
     if not spec or not spec.strip():
         raise ConfigError("no instruction data: give --data FILE.jsonl or hf:NAME[:CONFIG]:SPLIT")
     if spec.startswith("hf:"):
-        rows = _read_hf_rows(spec)
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise CorpusError(f"instruction file not found: {spec}")
-        rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{spec} line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise CorpusError(f"{spec} line {n}: expected a JSON object")
-            rows.append((f"{spec} line {n}", row))
+        return _read_hf_rows(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"instruction file not found: {spec}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{spec} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise CorpusError(f"{spec} line {n}: expected a JSON object")
+        rows.append((f"{spec} line {n}", row))
+    return rows
+
+
+def read_instructions(spec: str) -> InstructionSet:
+    """Read an instruction set (see the module docstring); CorpusError when missing or empty."""
+    rows = read_rows(spec)
     examples = []
     for where, row in rows:
         split = row.get("split")
