@@ -79,30 +79,32 @@ def select_vocab(tokenizer, counts: Counter, min_count: int = 1, *,
     spec = _spec(tokenizer)
     vocab: dict[str, int] = spec["model"]["vocab"]
     producer = {a + b: (a, b) for a, b in _merge_pairs(spec["model"]["merges"])}
+    added = {t["id"] for t in spec.get("added_tokens", [])}
     keep: set[str] = set()
+    ids: set[int] = set(added)  # the kept ids, kept in step with ``keep``
 
     def add(tokens) -> None:  # with the merge closure: a kept token's parts must be producible too
         stack = [t for t in tokens if t not in keep]
         keep.update(stack)
+        ids.update(vocab[t] for t in stack)
         while stack:
             for part in producer.get(stack.pop()) or ():
                 if part not in keep and part in vocab:
                     keep.add(part)
+                    ids.add(vocab[part])
                     stack.append(part)
 
     add(tok for tok, i in vocab.items() if counts.get(i, 0) >= min_count)
     add(c for c in pre_tokenizers.ByteLevel.alphabet() if c in vocab)
-    added = {t["id"] for t in spec.get("added_tokens", [])}
     size = len(set(vocab.values()) | added)
-    kept = lambda: len({vocab[t] for t in keep} | added)  # noqa: E731
-    if max_removed is not None and size - kept() > max_removed:
+    if max_removed is not None and size - len(ids) > max_removed:
         back = sorted((i, tok) for tok, i in vocab.items() if tok not in keep)
         back.sort(key=lambda item: -counts.get(item[0], 0))  # stable: ties stay in id order
         for _, tok in back:
-            if size - kept() <= max_removed:
+            if size - len(ids) <= max_removed:
                 break
             add([tok])
-    return sorted({vocab[t] for t in keep} | added)
+    return sorted(ids)
 
 
 def id_map(old_tokenizer, new_tokenizer) -> dict[int, int]:
