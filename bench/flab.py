@@ -73,11 +73,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--distill-examples", type=int, default=48)
     ap.add_argument("--rec-seq-len", type=int, default=256)
+    ap.add_argument("--no-recover", action="store_true", help="stop after evaluating the pruned model")
     args = ap.parse_args()
 
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.recipe}-{round(args.target * 100)}"
+    tag = f"{Path(args.recipe).stem}-{round(args.target * 100)}"
     pruned, rec = work / f"pruned-{tag}", work / f"rec-{tag}"
 
     def evaluate(name: str, model: str, extra: list[str]) -> Path:
@@ -93,7 +94,10 @@ def main() -> None:
                            "--target", str(args.target), "--calib", "python-stdlib",
                            "--samples", str(args.samples), "--seq-len", str(args.seq_len),
                            "--eval-windows", "16", "--out", str(pruned)])
-    evals["pruned"] = evaluate("pruned", str(pruned), ["--ppl-tokenizer", args.model])
+    evals["pruned"] = evaluate(f"pruned-{tag}", str(pruned), ["--ppl-tokenizer", args.model])
+    if args.no_recover:
+        report(args, work, evals, pruned, None, None)
+        return
     data = instruction_file(work / "instr.jsonl", args.distill_examples)
     distilled = work / f"distill-{tag}.jsonl"
     step("distill-data", distilled, ["distill-data", "--original", args.model, "--pruned", str(pruned),
@@ -103,22 +107,30 @@ def main() -> None:
                           "--lora-r", "64", "--lora-alpha", "32", "--lr", "3e-4", "--epochs", "1",
                           "--batch-size", "4", "--grad-accum", "1", "--seq-len", str(args.rec_seq_len),
                           "--eval-fraction", "0.1", "--eval-data", "none"])
-    evals["recovered"] = evaluate("recovered", str(rec), ["--ppl-tokenizer", args.model])
+    evals["recovered"] = evaluate(f"recovered-{tag}", str(rec), ["--ppl-tokenizer", args.model])
+    report(args, work, evals, pruned, rec, distilled)
 
+
+def report(args, work: Path, evals: dict, pruned: Path, rec: Path | None, distilled: Path | None) -> None:
     reports = {k: json.loads((v / "report.json").read_text()) for k, v in evals.items()}
     prune_report = json.loads((pruned / "report.json").read_text())
-    rec_report = json.loads((rec / "report.json").read_text())
-    distilled_rows = [json.loads(x) for x in distilled.read_text().splitlines()]
-    print(f"\n{args.model}, recipe {args.recipe}, target {args.target:.0%}: removed "
-          f"{prune_report['ratio_actual_total']:.2%} of all parameters "
-          f"({prune_report['params_dense']:,} -> {prune_report['params_total']:,}); "
-          f"prune {prune_report['seconds_prune']:.0f} s, recovery {rec_report['seconds']:.0f} s on "
-          f"{len(distilled_rows)} distilled examples "
-          f"({sum(r['distill']['target'] == 'original' for r in distilled_rows)} with the original's answer)")
+    line = (f"\n{args.model}, recipe {args.recipe}, target {args.target:.0%}: removed "
+            f"{prune_report['ratio_actual_total']:.2%} of all parameters "
+            f"({prune_report['params_dense']:,} -> {prune_report['params_total']:,}); "
+            f"prune {prune_report['seconds_prune']:.0f} s")
+    if rec is not None:
+        rec_report = json.loads((rec / "report.json").read_text())
+        distilled_rows = [json.loads(x) for x in distilled.read_text().splitlines()]
+        line += (f", recovery {rec_report['seconds']:.0f} s on {len(distilled_rows)} distilled examples "
+                 f"({sum(r['distill']['target'] == 'original' for r in distilled_rows)} with the "
+                 "original's answer)")
+    print(line)
     print("\n| stage | removed params | % of dense | ppl after (python-stdlib, per original token) | what |")
     print("|---|---|---|---|---|")
     for st in prune_report["stages"]:
-        if st["stage"] == "vocab":
+        if st.get("skipped"):
+            what = f"skipped: {st['skipped']}"
+        elif st["stage"] == "vocab":
             what = f"vocab {st['vocab_before']:,} -> {st['vocab_after']:,}"
         elif st["stage"] == "layers":
             what = f"layers {st['layers_before']} -> {st['layers_after']} (removed {st['removed_layers']})"
@@ -137,7 +149,7 @@ def main() -> None:
               f"{eff['speed']['batch_1']['decode_tok_s']:.1f} | {eff['peak_memory_mb']:.0f} | "
               f"{he['pass@1']:.3f} ({he['statuses']['passed']}/{he['n_problems']}) | {ppl} |")
     dense_p1 = reports["dense"]["humaneval"]["pass@1"]
-    for name in ("pruned", "recovered"):
+    for name in [n for n in ("pruned", "recovered") if n in reports]:
         kept = reports[name]["humaneval"]["pass@1"] / dense_p1 if dense_p1 else float("nan")
         print(f"{name}: {kept:.0%} of the dense pass@1 kept (the paper: 97% at 22% on 7B models before "
               "post-training, the original's level after it)")

@@ -9,13 +9,13 @@ built-in ``flab``: vocabulary, then layers, then FFN width.
     stages:
       - stage: vocab              # tokens the calibration corpus never uses
         min_count: 1
-        share: 0.4
+        share: 0.9                # up to 90% of the target: free on the calibration language
       - stage: layers             # greedy, re-scored after every removal
         metric: kl
-        share: 0.3
+        share: 0.05               # layers and FFN share the rest equally
       - stage: ffn                # the same FFN width removed in every layer
         method: wanda-sp
-        share: 0.3
+        share: 0.05
 
 Stages (every key besides ``stage`` is an option of that stage):
 
@@ -393,7 +393,7 @@ def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
     metric = stage.options.get("metric", "kl")
     if n < 1:
         return {**_skipped(f"budget {budget:,} is under half a layer"), "metric": metric,
-                "layers_before": before, "layers_after": before}
+                "removed_layers": [], "layers_before": before, "layers_after": before}
     ids = state.calib_ids[:stage.options.get("samples")]
     ids = ids[:, :stage.options.get("tokens")]
     drop = choose_layers(lm, ids.to(_device_of(lm)), n, metric=metric,
