@@ -86,7 +86,7 @@ def _make_method(method: str, sparsity, pattern, ratio, options: dict):
 
 def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: float | None = None,
           pattern: str = "unstructured", ratio: float | None = None, recipe=None,
-          target: float | None = None, calib: str = "python-stdlib",
+          target: float | None = None, min_count: int | None = None, calib: str = "python-stdlib",
           samples: int = 64, seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
           offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
           overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
@@ -116,7 +116,6 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     ``target`` (a fraction of *all* parameters; default the recipe's own) split
     across the stages as codeprune/recipe.py documents; ``min_count`` overrides its
     vocab stage's; the report lists every stage."""
-    min_count = method_options.pop("min_count", None)
     if min_count is not None and recipe is None:
         raise ConfigError("--min-count is an option of a recipe's vocab stage: give --recipe")
     if recipe is not None:
@@ -139,7 +138,7 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     if out is not None:
         check_output(out, overwrite)  # refuse before spending minutes on the model
     dev = resolve_device(device)
-    lm, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
+    lm, corpus, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
                                    eval_windows if eval_ppl else None)
 
     def score(tag: str) -> float | None:
@@ -176,13 +175,20 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
         report.update(_sparse_fields(lm, pruner, pruned))
     report["params_dense"] = params_dense
     report["energy_prune"] = energy or None
+    if efficiency and offload:
+        place_model(lm, dev)
+    return _finish(lm, report, efficiency, dense_speed, out, overwrite)
+
+
+def _finish(lm, report: dict, efficiency: bool, dense_speed: dict | None, out,
+            overwrite: bool) -> PruneResult:
+    """Efficiency figures (and the batch-1 speed-up when ``dense_speed`` is known), then the
+    checkpoint with report.json / report.md."""
     if efficiency:
         from .evaluate.efficiency import efficiency_report
 
-        if offload:
-            place_model(lm, dev)
         report["efficiency"] = efficiency_report(lm)  # disk_bytes filled in when saved
-        if structured:
+        if dense_speed is not None:
             report["tokens_per_s_dense"] = dense_speed
             report["tokens_per_s_pruned"] = _speed_fields(report["efficiency"]["speed"]["batch_1"])
     path = None
@@ -222,7 +228,7 @@ def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_
     if out is not None:
         check_output(out, overwrite)
     dev = resolve_device(device)
-    lm, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
+    lm, corpus, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
                                    eval_windows if eval_ppl else None)
     place_model(lm, dev)
 
@@ -237,7 +243,7 @@ def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_
     params_dense = count_parameters(lm.model)[0]
     shape_dense = _model_shape(lm)
     dense_speed = _batch1_speed(lm, dev, False) if efficiency else None
-    state = RecipeState(calib_set.input_ids, calib, text_field, dev, batch_size)
+    state = RecipeState(calib_set.input_ids, corpus, text_field, dev, batch_size)
     start = time.perf_counter()
     with energy_tracker() as energy:
         stages = run_recipe(lm, rec, target=target, state=state, score=score if held is not None else None)
@@ -264,16 +270,7 @@ def _prune_recipe(model, recipe, *, target, calib, samples, seq_len, seed, text_
         "energy_prune": energy or None, "notes": notes,
         "structure_notes": [n for st in stages for n in st.get("notes", [])],
     }
-    if efficiency:
-        from .evaluate.efficiency import efficiency_report
-
-        report["efficiency"] = efficiency_report(lm)
-        report["tokens_per_s_dense"] = dense_speed
-        report["tokens_per_s_pruned"] = _speed_fields(report["efficiency"]["speed"]["batch_1"])
-    path = None
-    if out is not None:
-        path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_markdown)
-    return PruneResult(lm, report, path)
+    return _finish(lm, report, efficiency, dense_speed, out, overwrite)
 
 
 def _model_shape(lm) -> dict:
@@ -287,8 +284,9 @@ def _model_shape(lm) -> dict:
 
 
 def _prepare(model, calib: str, samples: int, seq_len: int, seed: int, text_field: str, dtype,
-             eval_windows: int | None) -> tuple[LoadedModel, object, object]:
-    """(model, calibration windows, held-out windows or None), sizes checked before any loading."""
+             eval_windows: int | None) -> tuple[LoadedModel, object, object, object]:
+    """(model, corpus, calibration windows, held-out windows or None), sizes checked before any
+    loading."""
     if eval_windows is not None and eval_windows < 1:
         raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
     check_window_sizes(samples, seq_len)
@@ -298,7 +296,7 @@ def _prepare(model, calib: str, samples: int, seq_len: int, seed: int, text_fiel
     held = None
     if eval_windows is not None:
         held = heldout_windows(lm.tokenizer, corpus, seq_len=seq_len, max_windows=eval_windows)
-    return lm, calib_set, held
+    return lm, corpus, calib_set, held
 
 
 def _speed_fields(speed: dict) -> dict:
@@ -464,15 +462,12 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
         remap, window_tok = None, lm.tokenizer
         if ppl_tokenizer is not None:
             from .models.sources import load_tokenizer
-            from .vocab import id_map, remap_ids
+            from .vocab import id_map, make_remap
 
             if offload:
                 raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
             window_tok = load_tokenizer(ppl_tokenizer)
-            old_to_new, cache = id_map(window_tok, lm.tokenizer), {}
-
-            def remap(ids):
-                return remap_ids(ids, window_tok, lm.tokenizer, old_to_new, cache)
+            remap = make_remap(window_tok, lm.tokenizer, id_map(window_tok, lm.tokenizer))
 
         results = {}
         for corpus, lang in corpora:

@@ -277,10 +277,10 @@ def cmd_prune(args) -> int:
                   "head_unit": args.head_unit, "attn_square": args.attn_square, "scope": args.scope,
                   "units": args.units,
                   "importance": args.importance, "aggregation": args.aggregation,
-                  "checkpointing": args.checkpointing, "min_count": args.min_count}
+                  "checkpointing": args.checkpointing}
     result = prune(args.model, args.method, sparsity=args.sparsity, pattern=args.pattern, ratio=args.ratio,
-                   recipe=args.recipe, target=args.target, **structured, calib=args.calib,
-                   samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                   recipe=args.recipe, target=args.target, min_count=args.min_count, **structured,
+                   calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                    text_field=args.text_field, device=args.device, offload=args.offload,
                    batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
                    eval_ppl=not args.no_eval, eval_windows=args.eval_windows, dtype=args.dtype)

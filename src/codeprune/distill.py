@@ -103,9 +103,9 @@ def read_rows(spec: str, limit: int | None = None) -> list[DistillRow]:
 def prompt_of(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     """(the text before the last answer, whether a chat template made it): the prompt
     ``codeprune recover`` trains that answer after."""
-    from .recovery import _segments
+    from .recovery import prompt_segments
 
-    segs = _segments(tokenizer, messages)
+    segs = prompt_segments(tokenizer, messages)
     last = max(k for k, (_, trained) in enumerate(segs) if trained)
     prompt = "".join(text for text, _ in segs[:last])
     return prompt, not prompt.endswith("### Response:\n")

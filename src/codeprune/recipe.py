@@ -258,7 +258,7 @@ class RecipeState:
     """What the stages share while a recipe runs."""
 
     calib_ids: torch.Tensor  # calibration windows for the current tokenizer
-    calib_spec: str
+    corpus: object  # the calibration source, as read (data.sources.Corpus)
     text_field: str
     device: object
     batch_size: int
@@ -333,7 +333,7 @@ def _corpus_texts(stage: Stage, state: RecipeState):
     from .data.calibration import split_documents
     from .data.sources import code_corpora
 
-    corpus = stage.options.get("corpus") or state.calib_spec
+    corpus = stage.options.get("corpus") or state.corpus.spec
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
     if "code" in specs:
         specs = [s for s in specs if s != "code"] + list(code_corpora().values())
@@ -341,13 +341,14 @@ def _corpus_texts(stage: Stage, state: RecipeState):
     limit = stage.options.get("max_files")
     docs = []
     for spec in specs:  # the calibration split only: held-out files stay unseen
-        calib, _ = split_documents(read_source(spec, text_field=state.text_field))
+        source = state.corpus if spec == state.corpus.spec else read_source(spec, text_field=state.text_field)
+        calib, _ = split_documents(source)
         docs += sorted(calib, key=lambda d: d.id)[:limit]
     return specs, docs
 
 
 def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
-    from .vocab import count_tokens, prune_vocab_, remap_ids, select_vocab
+    from .vocab import count_tokens, make_remap, prune_vocab_, select_vocab
 
     specs, docs = _corpus_texts(stage, state)
     tok = lm.tokenizer
@@ -361,12 +362,7 @@ def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> di
     if len(keep) == before:
         return {**_skipped("every token is kept"), "vocab_before": before, "vocab_after": before}
     old_to_new = prune_vocab_(lm, keep)
-    new_tok, cache = lm.tokenizer, {}
-
-    def remap(ids):
-        return remap_ids(ids, tok, new_tok, old_to_new, cache)
-
-    state.remap = remap
+    remap = state.remap = make_remap(tok, lm.tokenizer, old_to_new)
     L = state.calib_ids.shape[1]
     state.calib_ids = torch.tensor([remap(row)[:L] for row in state.calib_ids], dtype=torch.long)
     used = sum(1 for c in counts.values() if c >= stage.options.get("min_count", 1))
@@ -396,15 +392,11 @@ def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
                 "removed_layers": [], "layers_before": before, "layers_after": before}
     ids = state.calib_ids[:stage.options.get("samples")]
     ids = ids[:, :stage.options.get("tokens")]
-    drop = choose_layers(lm, ids.to(_device_of(lm)), n, metric=metric,
+    drop = choose_layers(lm, ids.to(state.device), n, metric=metric,
                          batch_size=stage.options.get("batch_size", state.batch_size))
     remove_layers_(lm, drop)
     return {"metric": metric, "removed_layers": drop, "layers_before": before, "layers_after": a.num_layers,
             "scored_on": {"windows": ids.shape[0], "tokens": ids.shape[1]}}
-
-
-def _device_of(lm) -> torch.device:
-    return next(lm.model.parameters()).device
 
 
 def _structured_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:

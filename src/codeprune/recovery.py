@@ -90,7 +90,7 @@ class RecoverConfig:
 
 # -- examples -> token ids ----------------------------------------------------------
 
-def _segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+def prompt_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     """[(text, trained)]: the conversation cut at the assistant turns."""
     template = getattr(tokenizer, "chat_template", None)
     if template:
@@ -127,7 +127,7 @@ def encode(tokenizer, messages: list[dict], seq_len: int) -> dict | None:
     """{"input_ids", "labels"} with labels only on assistant tokens; None when truncation
     leaves no assistant token."""
     ids, labels = [], []
-    segs = _segments(tokenizer, messages)
+    segs = prompt_segments(tokenizer, messages)
     bos = tokenizer("", add_special_tokens=True)["input_ids"]
     if bos and not (tokenizer.bos_token and segs and segs[0][0].startswith(tokenizer.bos_token)):
         ids, labels = list(bos), [IGNORE] * len(bos)

@@ -118,6 +118,16 @@ def id_map(old_tokenizer, new_tokenizer) -> dict[int, int]:
     return {i: new_vocab[t] for t, i in old_vocab.items() if t in new_vocab}
 
 
+def make_remap(old_tokenizer, new_tokenizer, old_to_new: dict[int, int]):
+    """``remap(ids) -> ids``: ``remap_ids`` bound to two tokenizers, with one split cache."""
+    cache: dict[int, list[int]] = {}
+
+    def remap(ids) -> list[int]:
+        return remap_ids(ids, old_tokenizer, new_tokenizer, old_to_new, cache)
+
+    return remap
+
+
 def remap_ids(ids, old_tokenizer, new_tokenizer, old_to_new: dict[int, int],
               cache: dict[int, list[int]] | None = None) -> list[int]:
     """Token ids of the original tokenizer -> ids of the pruned one for the *same bytes*: a

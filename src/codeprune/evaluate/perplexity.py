@@ -44,15 +44,21 @@ def perplexity(lm: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
             hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, D)
         else:
             hidden = lm.adapter.final_norm()(next(layer_out).to(ids.device))
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), D)
         target = ids[:, 1:].reshape(-1)
-        for c in range(0, h.shape[0], _LOGIT_CHUNK):
-            logits = lm_head(h[c:c + _LOGIT_CHUNK]).float()
-            total_nll += F.cross_entropy(logits, target[c:c + _LOGIT_CHUNK], reduction="sum").item()
+        total_nll += _nll_sum(lm_head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), target)
         total_tokens += target.numel()
     nll = total_nll / total_tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens,
             "windows": ids_all.shape[0], "seq_len": windows.seq_len}
+
+
+def _nll_sum(lm_head, hidden: torch.Tensor, target: torch.Tensor) -> float:
+    """Summed next-token NLL of ``target`` (T,) from ``hidden`` (T, D), logits in chunks."""
+    total = 0.0
+    for c in range(0, hidden.shape[0], _LOGIT_CHUNK):
+        logits = lm_head(hidden[c:c + _LOGIT_CHUNK]).float()
+        total += F.cross_entropy(logits, target[c:c + _LOGIT_CHUNK], reduction="sum").item()
+    return total
 
 
 def protocol(windows: TokenWindows) -> str:
@@ -79,11 +85,8 @@ def perplexity_remapped(lm: LoadedModel, windows: TokenWindows, remap, *, desc: 
     for row in tqdm(windows.input_ids, desc=desc, leave=False):
         ids = torch.tensor(remap(row), dtype=torch.long, device=lm_head.weight.device)[None]
         hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-        target = ids[0, 1:]
-        for c in range(0, hidden.shape[0], _LOGIT_CHUNK):
-            logits = lm_head(hidden[c:c + _LOGIT_CHUNK]).float()
-            total_nll += F.cross_entropy(logits, target[c:c + _LOGIT_CHUNK], reduction="sum").item()
-        model_tokens += target.numel()
+        total_nll += _nll_sum(lm_head, hidden, ids[0, 1:])
+        model_tokens += ids.shape[1] - 1
     tokens = windows.samples * (windows.seq_len - 1)
     nll = total_nll / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "model_tokens": model_tokens,
