@@ -33,6 +33,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 # the larger offline models, on demand (never installed by the test suite)
 models-qwen: install

@@ -12,7 +12,7 @@ import argparse
 import time
 
 import codeprune
-from codeprune.evaluate.humaneval import HumanEvalConfig
+from codeprune.evaluation.humaneval import HumanEvalConfig
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    from codeprune.models.sources import OFFLINE_MODELS, is_installed
+    from codeprune.models.offline import OFFLINE_MODELS, is_installed
 
     models = args.model or ["smollm2-135m"] + (
         ["qwen2.5-coder-0.5b"] if is_installed(OFFLINE_MODELS["qwen2.5-coder-0.5b"]) else [])

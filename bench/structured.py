@@ -29,9 +29,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one line per run, no progress bars
 
 import codeprune  # noqa: E402
 from codeprune.data import heldout_windows, read_source  # noqa: E402
-from codeprune.evaluate import perplexity  # noqa: E402
-from codeprune.evaluate.efficiency import measure_speed  # noqa: E402
-from codeprune.report import count_parameters  # noqa: E402
+from codeprune.evaluation.efficiency import measure_speed
+from codeprune.evaluation.perplexity import perplexity  # noqa: E402
+from codeprune.models.counting import count_parameters
 
 RUNS = [("flap", "adaptive"), ("flap", "uniform"), ("wanda-sp", "uniform"), ("magnitude-sp", "uniform")]
 

@@ -35,12 +35,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one line per run, no progress bars
 import psutil  # noqa: E402
 
 import codeprune  # noqa: E402
+from codeprune.calibration.gradients import prunable_parameters
 from codeprune.data.calibration import HELDOUT_FRACTION, unit_hash  # noqa: E402
 from codeprune.data.instructions import build_instructions, write_jsonl  # noqa: E402
-from codeprune.engine import prunable_parameters  # noqa: E402
 from codeprune.methods import taylor  # noqa: E402
-from codeprune.methods.structured import scope_layers  # noqa: E402
-from codeprune.recovery import RecoverConfig, recover  # noqa: E402
+from codeprune.methods.structured.base import scope_layers
+from codeprune.workflows.recover import RecoverConfig, recover
 
 
 class PeakRSS:

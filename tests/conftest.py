@@ -16,8 +16,8 @@ os.environ.setdefault("CODEPRUNE_ENERGY", "0")  # codecarbon costs ~3 s a tracke
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from codeprune.models.adapters import get_adapter  # noqa: E402
-from codeprune.models.sources import LoadedModel  # noqa: E402
+from codeprune.models.adapters import get_adapter
+from codeprune.models.loading import LoadedModel
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -77,7 +77,8 @@ def random_ids():
 @pytest.fixture(scope="session")
 def smollm2():
     """The offline 135M model (skips with the install command when its package is absent)."""
-    from codeprune.models.sources import OFFLINE_MODELS, is_installed, load_model
+    from codeprune.models.loading import load_model
+    from codeprune.models.offline import OFFLINE_MODELS, is_installed
 
     spec = OFFLINE_MODELS["smollm2-135m"]
     if not is_installed(spec):  # `make install` installs it; a bare pytest run may not have it

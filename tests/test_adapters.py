@@ -5,7 +5,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from codeprune.errors import UnsupportedArchitectureError
-from codeprune.models.adapters import ADAPTERS, SUBLAYERS, get_adapter, supported_model_types
+from codeprune.models.adapters import ADAPTERS, get_adapter, supported_model_types
+from codeprune.models.adapters.base import SUBLAYERS
 
 from .conftest import make_tiny
 

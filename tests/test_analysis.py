@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import codeprune
-from codeprune.analysis import compare_runs, report_runs
 from codeprune.cli import main
 from codeprune.data.sources import python_stdlib_dir
 from codeprune.errors import ConfigError, CorruptModelError, OutputExistsError
-from codeprune.evaluate.similarity import jaccard, jaccard_distance, load_masks, save_masks
-from codeprune.language_sweep import parse_languages
+from codeprune.reporting.analysis import compare_runs, report_runs
+from codeprune.reporting.masks import jaccard, jaccard_distance, load_masks, save_masks
+from codeprune.workflows.sweep import parse_languages
 
 from .conftest import make_tiny
 
@@ -76,7 +76,7 @@ def two_langs(tmp_path: Path) -> tuple[str, str]:
 
 
 def test_run_labels_and_default_out(tmp_path):
-    from codeprune.analysis import default_out, read_runs
+    from codeprune.reporting.analysis import default_out, read_runs
 
     for parent in ("a", "b"):
         (tmp_path / parent / "wanda50").mkdir(parents=True)

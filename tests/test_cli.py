@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from codeprune.cli import main
-from codeprune.models import sources
-from codeprune.models.sources import OfflineModel
+from codeprune.models import offline as sources
+from codeprune.models.offline import OfflineModel
 
 ALIASES = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 SENTINEL = "sentinel.txt"
@@ -77,7 +77,7 @@ def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was validated")
 
-    monkeypatch.setattr("codeprune.api.load_model", no_loading)
+    monkeypatch.setattr("codeprune.workflows.common.load_model", no_loading)
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

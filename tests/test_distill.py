@@ -7,11 +7,11 @@ import json
 import pytest
 
 import codeprune
-import codeprune.distill as distill_mod
+import codeprune.workflows.distill as distill_mod
 from codeprune.cli import main
 from codeprune.data.instructions import read_instructions
-from codeprune.distill import DistillConfig, answer_code, prompt_of, similarity
 from codeprune.errors import ConfigError, CorpusError
+from codeprune.workflows.distill import DistillConfig, answer_code, prompt_of, similarity
 
 from .conftest import make_tiny
 
@@ -107,10 +107,8 @@ def test_helpers():
 
 
 def test_cli_end_to_end_with_generation(tmp_path, monkeypatch, capsys):
-    import codeprune.api as api
-
     models = {"orig": make_tiny("llama"), "pruned": make_tiny("llama", seed=1)}
-    monkeypatch.setattr(api, "load", lambda name, dtype="float32": models[name])
+    monkeypatch.setattr("codeprune.workflows.common.load_model", lambda name, dtype="float32": models[name])
     data = write(tmp_path / "d.jsonl", [ROWS[3], {"instruction": "Return one.", "output": "return 1"}])
     out = tmp_path / "o.jsonl"
     args = ["distill-data", "--original", "orig", "--pruned", "pruned", "--data", str(data),

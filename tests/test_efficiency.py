@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from codeprune.errors import ConfigError
-from codeprune.evaluate.efficiency import disk_bytes, efficiency_report, macs_per_token
-from codeprune.evaluate.passk import mean_pass_at_k, pass_at_k
-from codeprune.export import save_checkpoint
+from codeprune.evaluation.efficiency import efficiency_report, macs_per_token
+from codeprune.evaluation.passk import mean_pass_at_k, pass_at_k
 from codeprune.methods import make_pruner
-from codeprune.methods.base import prune_model_
+from codeprune.methods.unstructured.base import prune_model_
+from codeprune.models.checkpoint import disk_bytes, save_checkpoint
 
 
 def test_macs_match_the_linears_a_forward_runs(tiny_any):
@@ -61,7 +61,7 @@ def test_pass_at_k_hand_computed():
 
 def test_energy_estimate_through_codecarbon(monkeypatch):
     pytest.importorskip("codecarbon")  # the optional extra `energy` (make install installs it)
-    from codeprune.evaluate.efficiency import energy_tracker
+    from codeprune.evaluation.efficiency import energy_tracker
 
     monkeypatch.setenv("CODEPRUNE_ENERGY", "1")
     with energy_tracker() as energy:

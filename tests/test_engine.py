@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from codeprune.engine import calibrate_layers, capture_layer_inputs
-from codeprune.models.adapters import SUBLAYERS
-from codeprune.stats import ChannelStats
+from codeprune.calibration.engine import calibrate_layers, capture_layer_inputs
+from codeprune.calibration.stats import ChannelStats
+from codeprune.models.adapters.base import SUBLAYERS
 
 
 def _full_forward_inputs(lm, ids):
@@ -85,7 +85,7 @@ def test_capture_respects_seq_len(tiny_llama):
 
 def test_offload_gives_the_same_result(tiny_llama, random_ids, tiny_tokenizer):
     from codeprune.methods import make_pruner
-    from codeprune.methods.base import prune_model_
+    from codeprune.methods.unstructured.base import prune_model_
 
     from .conftest import make_tiny
 
@@ -99,7 +99,7 @@ def test_offload_gives_the_same_result(tiny_llama, random_ids, tiny_tokenizer):
 
 def test_offloaded_perplexity_equals_plain(tiny_llama, random_ids):
     from codeprune.data.calibration import TokenWindows
-    from codeprune.evaluate import perplexity
+    from codeprune.evaluation.perplexity import perplexity
 
     windows = TokenWindows(random_ids, "test", "heldout", 1)
     plain = perplexity(tiny_llama, windows, batch_size=4)

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codeprune.errors import OutputExistsError
-from codeprune.export import save_checkpoint
 from codeprune.methods import make_pruner
-from codeprune.methods.base import prune_model_
+from codeprune.methods.unstructured.base import prune_model_
+from codeprune.models.checkpoint import save_checkpoint
 
 
 def test_pruned_checkpoint_reloads_with_identical_logits(tiny_any, random_ids, tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 from codeprune.cli import main
 from codeprune.errors import ConfigError, CorpusError
-from codeprune.evaluate.humaneval import (
+from codeprune.evaluation.humaneval import (
     INSTRUCT_STOP,
     RESPONSE_PREFIX,
     STOP_SEQUENCES,
@@ -34,7 +34,7 @@ from codeprune.evaluate.humaneval import (
     truncate_at_stop,
     write_samples,
 )
-from codeprune.evaluate.sandbox import SandboxLimits
+from codeprune.evaluation.sandbox import SandboxLimits
 
 try:  # the CLI tests' guard: loading a model fails the test
     from tests.test_cli import forbid_loading  # noqa: F401
@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - test_cli.py renamed or moved
         def no_loading(*args, **kwargs):
             raise AssertionError("a model was loaded")
 
-        monkeypatch.setattr("codeprune.api.load_model", no_loading)
+        monkeypatch.setattr("codeprune.workflows.common.load_model", no_loading)
 
 LIMITS = SandboxLimits(timeout=10)
 WRONG = {  # completions that return a wrong value: the tests' first assert fails

@@ -142,7 +142,7 @@ def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs,
     from pathlib import Path
 
     from codeprune.data.instructions import build_instructions, write_jsonl
-    from codeprune.recovery import RecoverConfig, recover
+    from codeprune.workflows.recover import RecoverConfig, recover
 
     src = Path(codeprune.__file__).parent
     records, _ = build_instructions(f"python:{src}", eval_fraction=0.1)
@@ -168,7 +168,7 @@ def test_vocabulary_pruning_on_smollm2_keeps_the_corpus_tokenization():
     import copy
 
     from codeprune.data import read_source
-    from codeprune.vocab import count_tokens, prune_vocab_, select_vocab
+    from codeprune.methods.vocab import count_tokens, prune_vocab_, select_vocab
 
     lm = codeprune.load("smollm2-135m")
     texts = [d.text for d in read_source("python-stdlib").documents[:200]]

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 import codeprune
 from codeprune.errors import ConfigError
-from codeprune.export import save_checkpoint
-from codeprune.layers import block_influence, choose_layers, remove_layers_
 from codeprune.methods import make_pruner
-from codeprune.methods.structured import prune_structured_
+from codeprune.methods.depth import block_influence, choose_layers, remove_layers_
+from codeprune.methods.structured.prune import prune_structured_
+from codeprune.models.checkpoint import save_checkpoint
 
 from .conftest import make_tiny
 
@@ -55,7 +55,7 @@ def test_kl_picks_the_layer_whose_removal_changes_the_output_least(model_type):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_cached_prefix_kl_equals_brute_force_for_every_candidate(model_type):
-    from codeprune.layers import _reference, _removal_kl
+    from codeprune.methods.depth import _reference, _removal_kl
 
     lm = make_tiny(model_type, num_hidden_layers=5)
     x = ids(n=5)

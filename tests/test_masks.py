@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from codeprune.errors import ConfigError
-from codeprune.evaluate.similarity import jaccard_distance
-from codeprune.methods.magnitude import magnitude_scores
-from codeprune.methods.masks import nm_mask, unstructured_mask
-from codeprune.methods.wanda import wanda_scores
+from codeprune.methods.unstructured.magnitude import magnitude_scores
+from codeprune.methods.unstructured.masks import nm_mask, unstructured_mask
+from codeprune.methods.unstructured.wanda import wanda_scores
+from codeprune.reporting.masks import jaccard_distance
 
 
 def test_unstructured_mask_exact_per_row():

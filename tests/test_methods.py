@@ -5,8 +5,8 @@ import torch
 
 from codeprune.errors import ConfigError
 from codeprune.methods import SPARSE_METHODS, make_pruner
-from codeprune.methods.base import prune_model_
-from codeprune.report import linear_sparsity
+from codeprune.methods.unstructured.base import prune_model_
+from codeprune.models.counting import linear_sparsity
 
 CASES = [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None), ("4:8", None)]
 
@@ -84,10 +84,10 @@ def _layer_error(W, W_pruned, X):
 def test_layerwise_reconstruction_ordering():
     """On inputs with uneven channel scales and correlations, the output error of one
     Linear orders as SparseGPT < Wanda < magnitude (the reason each method exists)."""
-    from codeprune.methods.masks import unstructured_mask
-    from codeprune.methods.sparsegpt import sparsegpt_prune_
-    from codeprune.methods.wanda import wanda_scores
-    from codeprune.stats import ChannelStats, HessianStats
+    from codeprune.calibration.stats import ChannelStats, HessianStats
+    from codeprune.methods.unstructured.masks import unstructured_mask
+    from codeprune.methods.unstructured.sparsegpt import sparsegpt_prune_
+    from codeprune.methods.unstructured.wanda import wanda_scores
 
     torch.manual_seed(0)
     in_f, out_f, n = 64, 32, 2048
@@ -110,8 +110,8 @@ def test_layerwise_reconstruction_ordering():
 
 def test_sparsegpt_with_identity_hessian_is_magnitude():
     """With H = I there is nothing to propagate: SparseGPT keeps the largest weights."""
-    from codeprune.methods.masks import nm_mask
-    from codeprune.methods.sparsegpt import sparsegpt_prune_
+    from codeprune.methods.unstructured.masks import nm_mask
+    from codeprune.methods.unstructured.sparsegpt import sparsegpt_prune_
 
     torch.manual_seed(0)
     W = torch.randn(8, 16)
@@ -124,7 +124,7 @@ def test_sparsegpt_with_identity_hessian_is_magnitude():
 @pytest.mark.parametrize("n,m", [(2, 3), (3, 5), (2, 4)])
 def test_sparsegpt_nm_groups_are_aligned(n, m):
     """Groups of M columns start at multiples of M even when M does not divide the block size."""
-    from codeprune.methods.sparsegpt import sparsegpt_prune_
+    from codeprune.methods.unstructured.sparsegpt import sparsegpt_prune_
 
     torch.manual_seed(0)
     in_f = 60 * m

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import codeprune
 from codeprune.cli import main
 from codeprune.errors import ConfigError
-from codeprune.recipe import builtin_recipes, load_recipe, parse_recipe
+from codeprune.recipes.spec import builtin_recipes, load_recipe, parse_recipe
 
 from .conftest import make_tiny
 
@@ -169,9 +169,8 @@ def test_heads_stage(code_dir):
 
 
 def test_cli_recipe_file_and_errors(code_dir, tmp_path, capsys, monkeypatch):
-    import codeprune.api as api
-
-    monkeypatch.setattr(api, "load", lambda model, dtype="float32": make_tiny("llama", **DEEP))
+    monkeypatch.setattr("codeprune.workflows.common.load_model",
+                        lambda model, dtype="float32": make_tiny("llama", **DEEP))
     path = tmp_path / "my.yaml"
     path.write_text("name: mine\nstages:\n  - stage: layers\n    metric: bi-last\n    share: 1\n"
                     "  - stage: ffn\n    share: 1\n")

@@ -10,11 +10,11 @@ import codeprune
 from codeprune.cli import main
 from codeprune.data.instructions import Example
 from codeprune.errors import ConfigError, CorpusError, OutputExistsError
-from codeprune.export import save_checkpoint
 from codeprune.methods import make_pruner
-from codeprune.methods.base import prune_model_
-from codeprune.methods.structured import prune_structured_
-from codeprune.recovery import IGNORE, RecoverConfig, encode, encode_all, recover, sparse_masks
+from codeprune.methods.structured.prune import prune_structured_
+from codeprune.methods.unstructured.base import prune_model_
+from codeprune.models.checkpoint import save_checkpoint
+from codeprune.workflows.recover import IGNORE, RecoverConfig, encode, encode_all, recover, sparse_masks
 
 from .conftest import _tokenizer, make_tiny
 

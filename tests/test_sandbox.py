@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from codeprune.evaluate.sandbox import (
+from codeprune.evaluation.sandbox import (
     STATUSES,
     SandboxLimits,
     SandboxResult,

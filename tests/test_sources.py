@@ -11,9 +11,10 @@ from codeprune.errors import (
     ModelNotInstalledError,
     UnsupportedArchitectureError,
 )
-from codeprune.export import save_checkpoint
-from codeprune.models import sources
-from codeprune.models.sources import OFFLINE_MODELS, load_model, resolve
+from codeprune.models import offline as sources
+from codeprune.models.checkpoint import save_checkpoint
+from codeprune.models.loading import load_model, resolve
+from codeprune.models.offline import OFFLINE_MODELS
 
 from .conftest import make_tiny
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from codeprune.stats import ChannelStats, HessianStats
+from codeprune.calibration.stats import ChannelStats, HessianStats
 
 
 def test_channel_stats_match_direct_computation():

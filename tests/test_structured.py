@@ -8,15 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import codeprune
+from codeprune.calibration.stats import ChannelStats
 from codeprune.cli import main
 from codeprune.errors import ConfigError
-from codeprune.export import save_checkpoint
 from codeprune.methods import make_pruner
-from codeprune.methods.flap import fluctuation
-from codeprune.methods.structured import attention_units, prune_structured_
-from codeprune.report import count_parameters
-from codeprune.stats import ChannelStats
-from codeprune.structure import MODELING_FILE, LayerPlan, StructurePlan, apply_plan_, decoder_param_count
+from codeprune.methods.structured.flap import fluctuation
+from codeprune.methods.structured.plan import LayerPlan, StructurePlan, decoder_param_count
+from codeprune.methods.structured.prune import prune_structured_
+from codeprune.methods.structured.surgery import apply_plan_
+from codeprune.methods.structured.units import attention_units
+from codeprune.models.checkpoint import MODELING_FILE, save_checkpoint
+from codeprune.models.counting import count_parameters
 
 from .conftest import ARCHS, make_tiny
 
@@ -317,7 +319,8 @@ def test_prune_report_has_the_structured_fields(tmp_path, code_dir_factory):
     (["--method", "flap", "--structure", "global"], "structure"),
 ])
 def test_cli_refuses_bad_structured_options(argv, expected, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("codeprune.api.load_model", lambda *a, **k: pytest.fail("loaded before validating"))
+    monkeypatch.setattr("codeprune.workflows.common.load_model",
+                        lambda *a, **k: pytest.fail("loaded before validating"))
     try:
         code = main(["prune", "--model", "smollm2-135m", *argv, "--out", str(tmp_path / "o")])
     except SystemExit as e:  # argparse's own usage errors (choices)
@@ -355,7 +358,7 @@ def test_vllm_backend_refuses_a_per_layer_checkpoint(tmp_path):
     lm = make_tiny("llama", **GQA, num_hidden_layers=3, intermediate_size=256)
     prune_structured_(lm, make_pruner("flap", ratio=0.3), ids())
     out = save_checkpoint(lm, tmp_path / "a")
-    from codeprune.evaluate.humaneval import HumanEvalConfig
+    from codeprune.evaluation.humaneval import HumanEvalConfig
 
     with pytest.raises(ConfigError, match="vLLM"):
         codeprune.evaluate(str(out), humaneval=HumanEvalConfig(backend="vllm"), efficiency=False)

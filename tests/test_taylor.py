@@ -5,20 +5,16 @@ import copy
 import pytest
 import torch
 
+from codeprune.calibration.gradients import gradient_pass
 from codeprune.cli import main
-from codeprune.engine import gradient_pass
 from codeprune.errors import ConfigError
-from codeprune.export import save_checkpoint
 from codeprune.methods import make_pruner
-from codeprune.methods.structured import (
-    aggregate,
-    attention_units,
-    parse_scope,
-    prune_structured_,
-    scope_layers,
-)
-from codeprune.report import count_parameters
-from codeprune.structure import decoder_param_count, needs_modeling_file
+from codeprune.methods.structured.base import aggregate, parse_scope, scope_layers
+from codeprune.methods.structured.plan import decoder_param_count
+from codeprune.methods.structured.prune import prune_structured_
+from codeprune.methods.structured.units import attention_units
+from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
+from codeprune.models.counting import count_parameters
 
 from .conftest import make_tiny
 

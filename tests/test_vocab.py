@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codeprune.errors import ConfigError
-from codeprune.export import save_checkpoint
-from codeprune.vocab import count_tokens, prune_vocab_, select_vocab
+from codeprune.methods.vocab import count_tokens, prune_vocab_, select_vocab
+from codeprune.models.checkpoint import save_checkpoint
 
 from .conftest import make_tiny
 
@@ -105,7 +105,7 @@ def test_max_removed_caps_the_cut_and_keeps_the_most_used_first():
 
 
 def test_remap_ids_gives_the_same_bytes_with_the_pruned_tokenizer():
-    from codeprune.vocab import remap_ids
+    from codeprune.methods.vocab import remap_ids
 
     lm, original, keep, old_to_new = pruned()
     for text in ARBITRARY + CORPUS:

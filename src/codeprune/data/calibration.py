@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError, CorpusError
-from .sources import Corpus, Document
+from codeprune.data.sources import Corpus, Document
+from codeprune.errors import ConfigError, CorpusError
 
 HELDOUT_FRACTION = 0.1
 _TOKENIZE_BATCH = 64

@@ -35,8 +35,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, CorpusError
-from .calibration import unit_hash
+from codeprune.data.calibration import unit_hash
+from codeprune.errors import ConfigError, CorpusError
 
 ROLES = ("system", "user", "assistant")
 EVAL_FRACTION = 0.05
@@ -156,7 +156,7 @@ def _read_hf_rows(spec: str) -> list[tuple[str, dict]]:
         name, config, split = parts
     else:
         raise ConfigError(f"bad dataset spec '{spec}': use hf:NAME[:CONFIG]:SPLIT")
-    from .sources import load_hf_dataset
+    from codeprune.data.sources import load_hf_dataset
 
     ds = load_hf_dataset(name, config, split)
     return [(f"{name}:{split}:{i}", dict(row)) for i, row in enumerate(ds)]
@@ -312,7 +312,7 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     (file:line) and "split" (by file). ``exclude(relative path) -> bool`` skips more
     files (``python-stdlib`` is the interpreter's standard library without its tests
     and site-packages)."""
-    from .sources import read_source
+    from codeprune.data.sources import read_source
 
     lang = spec.split(":", 1)[0] if ":" in spec else spec
     if lang not in ("python", "python-stdlib", *BRACE_LANGUAGES):
@@ -322,7 +322,7 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     if spec == "python-stdlib":
-        from .sources import _is_stdlib_test
+        from codeprune.data.sources import _is_stdlib_test
 
         corpus, exclude = read_source(spec), exclude or _is_stdlib_test
     else:
@@ -361,7 +361,7 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
 
 def check_jsonl_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing file (unless ``overwrite``) or a folder at ``out``."""
-    from ..errors import OutputExistsError
+    from codeprune.errors import OutputExistsError
 
     out = Path(out).expanduser()
     if out.is_dir():

@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, CorpusError
+from codeprune.errors import ConfigError, CorpusError
 
 LANGUAGES: dict[str, tuple[str, ...]] = {
     "python": (".py",),

@@ -1,9 +1,15 @@
-"""Pruning methods, registered by name (``METHODS``): unstructured / N:M methods
-(``Pruner``, methods/base.py) and structured ones (``StructuredPruner``,
-methods/structured.py; they set ``structured = True``)."""
+"""Pruning methods, registered by name (``METHODS``).
 
-from . import flap, magnitude, sparsegpt, taylor, wanda  # noqa: F401  (registration)
-from .base import METHODS, PruneConfig, Pruner, make_pruner, parse_pattern, register
+- ``unstructured/``: magnitude, wanda, sparsegpt (masks, unstructured or N:M);
+- ``structured/``: flap, wanda-sp, magnitude-sp, taylor (a structure plan, then surgery);
+- ``depth``: which decoder layers to drop (Flab-Pruner's KL search, ShortGPT's block influence);
+- ``vocab``: which tokens to drop, and the tokenizer rebuild.
+"""
+
+from codeprune.methods.registry import METHODS, make_pruner, register
+from codeprune.methods.structured import flap, taylor  # noqa: F401  (registration)
+from codeprune.methods.unstructured import magnitude, sparsegpt, wanda  # noqa: F401  (registration)
+from codeprune.methods.unstructured.base import PruneConfig, Pruner, parse_pattern
 
 
 def is_structured(method: str) -> bool:

@@ -1,0 +1,188 @@
+"""The sequential engine: calibrate a model one decoder layer at a time.
+
+    capture the inputs of layer 0 (one forward of the embeddings per batch)
+    for each layer:
+        [device]  move the layer to the compute device (with --offload)
+        pass 1    run it on every batch with pre-hooks that feed input statistics
+                  to accumulators; stop at the last hooked Linear (its output is
+                  never needed), so this pass skips e.g. down_proj's matmul
+        method    ``on_layer`` turns statistics into masks / weight updates
+        pass 2    run the (now pruned) layer: its outputs are the next layer's inputs
+        [device]  move it back to the CPU
+
+So layer k+1 is calibrated on the outputs of the already-pruned layer k, as in
+Wanda and SparseGPT. Whole-model methods (LLM-Pruner) use ``gradient_pass``
+instead: one forward/backward per sample over the whole model on the device,
+folding each prunable weight's gradient into float32 sums.
+
+Only the engine moves tensors between devices; methods see
+modules and accumulators that already live where the compute happens.
+Sequence length is whatever the calibration windows carry (the user's
+``--seq-len``), never ``max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from codeprune.calibration.devices import resolve_device
+from codeprune.errors import ConfigError
+from codeprune.models.adapters.base import INPUT_GROUPS
+from codeprune.models.loading import LoadedModel
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+@dataclass
+class LayerInput:
+    """The arguments one batch passes to a decoder layer."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    kwargs: dict  # attention mask, position ids/embeddings, ... exactly as the model passes them
+
+
+StatsFactory = Callable[[str, nn.Linear], object]  # (group's first sublayer name, Linear) -> accumulator
+
+
+LayerCallback = Callable[[int, nn.Module, dict, dict], None]  # (index, layer, linears, stats)
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(lm: LoadedModel, input_ids: torch.Tensor, *, device: torch.device,
+                         batch_size: int) -> list[LayerInput]:
+    """Run the embeddings on every batch and stop at layer 0, keeping what it receives."""
+    first = lm.adapter.layers()[0]
+    captured: list[LayerInput] = []
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(LayerInput(hidden, dict(kwargs)))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            try:
+                lm.adapter.decoder(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
+              store: torch.device) -> None:
+    """Replace each batch's hidden states by the layer's output (kept on ``store``)."""
+    for inp in inputs:
+        out = _layer_output(layer(inp.hidden.to(device), **inp.kwargs))
+        inp.hidden = out.to(store)
+
+
+@torch.no_grad()
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[LayerInput],
+                  make_stats: StatsFactory, device: torch.device) -> dict[str, object]:
+    """Pass 1 over one layer: input statistics for each Linear (shared within an input group)."""
+    stats: dict[str, object] = {}
+    hooked: list[str] = []
+    for group in INPUT_GROUPS:
+        acc = make_stats(group[0], linears[group[0]])
+        if acc is None:
+            continue
+        for name in group:
+            stats[name] = acc
+        hooked.append(group[0])
+    if not hooked:
+        return stats
+    last = hooked[-1]
+
+    def hook_for(name):
+        def hook(module, args):
+            stats[name].add_batch(args[0])
+            if name == last:
+                raise _StopForward  # nothing after the last hooked input is needed
+        return hook
+
+    handles = [linears[n].register_forward_pre_hook(hook_for(n)) for n in hooked]
+    try:
+        for inp in inputs:
+            try:
+                layer(inp.hidden.to(device), **inp.kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def calibrate_layers(lm: LoadedModel, input_ids: torch.Tensor, *, make_stats: StatsFactory,
+                     on_layer: LayerCallback, device: str | torch.device = "cpu",
+                     offload: bool = False, batch_size: int = 8, desc: str = "layers",
+                     keep_outputs: bool = False) -> list[LayerInput] | None:
+    """Sequential calibration of every decoder layer (see the module docstring).
+
+    ``input_ids``: (N, L) calibration windows. ``offload``: keep the model on the
+    CPU and bring one layer at a time to ``device``; otherwise the whole model
+    moves to ``device`` first. With ``keep_outputs`` the last layer runs too and
+    its outputs (before the final norm) are returned, one entry per batch."""
+    dev = resolve_device(device)
+    model, adapter = lm.model, lm.adapter
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    layerwise = offload  # on the CPU the moves below are no-ops, and the same code path runs
+    store = torch.device("cpu") if layerwise else dev
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        if layerwise:
+            for m in adapter.outside_layers():
+                m.to(dev)
+        else:
+            model.to(dev)
+        inputs = capture_layer_inputs(lm, input_ids, device=dev, batch_size=batch_size)
+        if layerwise:
+            for m in adapter.outside_layers():
+                m.to("cpu")
+        for inp in inputs:
+            inp.hidden = inp.hidden.to(store)
+        for i, layer in enumerate(tqdm(adapter.layers(), desc=desc, leave=False)):
+            if layerwise:
+                layer.to(dev)
+            linears = adapter.linears(layer)
+            stats = collect_stats(layer, linears, inputs, make_stats, dev)
+            on_layer(i, layer, linears, stats)
+            del stats  # free the accumulators before the next layer allocates its own
+            if keep_outputs or i + 1 < adapter.num_layers:  # else nothing reads the last outputs
+                run_layer(layer, inputs, dev, store)
+            if layerwise:
+                layer.to("cpu")
+        return inputs if keep_outputs else None
+    finally:
+        model.config.use_cache = use_cache
+        if layerwise:
+            model.to("cpu")
+
+
+def forward_layers(lm: LoadedModel, input_ids: torch.Tensor, *, device: str | torch.device = "cpu",
+                   offload: bool = False, batch_size: int = 8) -> list[torch.Tensor]:
+    """The last decoder layer's outputs (before the final norm), one (B, L, D) tensor per
+    batch, computed one layer at a time: a forward pass for models that do not fit the device."""
+    outs = calibrate_layers(lm, input_ids, make_stats=lambda name, linear: None,
+                            on_layer=lambda *args: None, device=device, offload=offload,
+                            batch_size=batch_size, desc="forward", keep_outputs=True)
+    return [o.hidden for o in outs]

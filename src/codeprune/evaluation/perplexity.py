@@ -1,0 +1,93 @@
+"""Perplexity over held-out windows, token-weighted.
+
+Protocol: non-overlapping windows of L tokens (stride L) from a source's
+held-out split; each window is scored on its own (no context carried between
+windows), predicting tokens 2..L; perplexity = exp(total NLL / total predicted
+tokens). Logits are computed in chunks of tokens so a 150k vocabulary never
+materialises (B, L, V) at once.
+
+    codeprune eval --model runs/wanda50 --ppl python-stdlib --seq-len 512
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from codeprune.calibration.engine import forward_layers
+from codeprune.data.calibration import TokenWindows
+from codeprune.models.loading import LoadedModel
+
+_LOGIT_CHUNK = 512  # tokens per lm_head call: (512, vocab) float32 logits stay small
+
+
+@torch.no_grad()
+def perplexity(lm: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
+               desc: str = "perplexity", offload_device: str | torch.device | None = None) -> dict:
+    """{"ppl", "nll", "tokens", "windows", "seq_len"} of ``lm`` on ``windows``.
+
+    Runs where the model's parameters are; with ``offload_device`` the model
+    stays on the CPU and the decoder layers run one at a time on that device
+    (the sequential engine), the final norm and lm_head on the CPU."""
+    lm_head = lm.adapter.lm_head()
+    ids_all = windows.input_ids
+    if offload_device is not None:
+        layer_out = iter(forward_layers(lm, ids_all, device=offload_device, offload=True,
+                                        batch_size=batch_size))
+    total_nll, total_tokens = 0.0, 0
+    for start in tqdm(range(0, ids_all.shape[0], batch_size), desc=desc, leave=False):
+        ids = ids_all[start:start + batch_size].to(lm_head.weight.device)  # (B, L)
+        if offload_device is None:
+            hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, D)
+        else:
+            hidden = lm.adapter.final_norm()(next(layer_out).to(ids.device))
+        target = ids[:, 1:].reshape(-1)
+        total_nll += _nll_sum(lm_head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), target)
+        total_tokens += target.numel()
+    nll = total_nll / total_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens,
+            "windows": ids_all.shape[0], "seq_len": windows.seq_len}
+
+
+def _nll_sum(lm_head, hidden: torch.Tensor, target: torch.Tensor) -> float:
+    """Summed next-token NLL of ``target`` (T,) from ``hidden`` (T, D), logits in chunks."""
+    total = 0.0
+    for c in range(0, hidden.shape[0], _LOGIT_CHUNK):
+        logits = lm_head(hidden[c:c + _LOGIT_CHUNK]).float()
+        total += F.cross_entropy(logits, target[c:c + _LOGIT_CHUNK], reduction="sum").item()
+    return total
+
+
+def protocol(windows: TokenWindows) -> str:
+    return (f"held-out split of '{windows.source}' ({windows.n_documents} files, never used for "
+            f"calibration; each file contributes one slice of at most {windows.seq_len} tokens at a "
+            f"fixed pseudo-random offset), "
+            f"{windows.samples} non-overlapping windows of {windows.seq_len} tokens, stride "
+            f"{windows.seq_len}, no context carried across windows, token-weighted mean NLL "
+            f"over {windows.seq_len - 1} predictions per window, ppl = exp(NLL)")
+
+
+@torch.no_grad()
+def perplexity_remapped(lm: LoadedModel, windows: TokenWindows, remap, *, desc: str = "perplexity") -> dict:
+    """Perplexity of a model whose vocabulary was pruned, on windows cut by the *original*
+    tokenizer, so that it compares with the dense model's figure.
+
+    ``remap(ids) -> ids`` rewrites one window for the pruned tokenizer (vocab.remap_ids):
+    the same bytes, where a removed token becomes several kept ones. Each window's
+    NLL is summed over all of its predictions and divided by the window's *original*
+    prediction count (L - 1): perplexity per original token, the text's total
+    probability spread over the same denominator as the dense model's."""
+    lm_head = lm.adapter.lm_head()
+    total_nll, model_tokens = 0.0, 0
+    for row in tqdm(windows.input_ids, desc=desc, leave=False):
+        ids = torch.tensor(remap(row), dtype=torch.long, device=lm_head.weight.device)[None]
+        hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+        total_nll += _nll_sum(lm_head, hidden, ids[0, 1:])
+        model_tokens += ids.shape[1] - 1
+    tokens = windows.samples * (windows.seq_len - 1)
+    nll = total_nll / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "model_tokens": model_tokens,
+            "windows": windows.samples, "seq_len": windows.seq_len, "per": "original token"}

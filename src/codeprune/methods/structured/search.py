@@ -1,0 +1,148 @@
+"""search."""
+
+from __future__ import annotations
+
+import torch
+
+from codeprune.errors import ConfigError
+from codeprune.methods.structured.base import (
+    LayerScores,
+    StructuredConfig,
+    scope_layers,
+)
+from codeprune.methods.structured.plan import StructurePlan, decoder_param_count
+from codeprune.methods.structured.units import (
+    _z,
+    attention_units,
+    layer_plan,
+    unit_weights,
+)
+
+
+def _counting_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool) -> StructurePlan:
+    """A plan with the given removal counts, for ``param_count``: which units go does not
+    change the count, so no scores and no compensation values are computed."""
+    a = lm.adapter
+    plan = StructurePlan.dense(a)
+    for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
+        s = a.layer_sizes(layer)
+        flat = LayerScores(torch.zeros(s["heads"]), torch.zeros(0), torch.zeros(s["intermediate"]),
+                           None, None, s["kv_heads"], s["heads"] // s["kv_heads"])
+        lp = plan.layers[i] = layer_plan(flat, a.linears(layer), a.head_dim, kind, n_u, n_c, False)
+        if compensation and (n_u or n_c):
+            lp.o_bias = lp.down_bias = torch.zeros(0)  # only their presence counts
+    return plan
+
+
+def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]]:
+    """(attention units, channels) removed per layer so that every layer in the scope loses
+    the same share of its parameters (heads by that share, FFN channels making up the rest),
+    ``ratio`` of the decoder's parameters in all; layers outside the scope lose nothing."""
+    a = lm.adapter
+    in_scope = set(scope_layers(cfg.scope, a.num_layers))
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in a.layers()]
+    share = cfg.ratio * sum(sizes) / sum(sizes[i] for i in in_scope)
+    if cfg.units == "ffn":  # the MLP alone carries the share
+        mlp = sum(3 * a.hidden_size * a.layer_sizes(a.layers()[i])["intermediate"] for i in in_scope)
+        if cfg.ratio * sum(sizes) >= 0.95 * mlp:
+            raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove over 95% of the FFN "
+                              "channels in scope: lower the ratio, or prune heads too (--units all)")
+    if cfg.units == "heads":  # attention alone carries the share
+        attn = sum(sizes[i] - 3 * a.hidden_size * a.layer_sizes(a.layers()[i])["intermediate"]
+                   for i in in_scope)
+        if cfg.ratio * sum(sizes) >= 0.9 * attn:
+            raise ConfigError(f"ratio {cfg.ratio} of the decoder is more than the attention in scope can "
+                              "give: lower the ratio, or prune FFN channels too (--units all)")
+    if share >= 0.95:
+        raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove {share:.0%} of every layer in "
+                          f"the scope {cfg.scope[0]}:{cfg.scope[1]}: lower the ratio or widen the scope")
+    counts = []
+    for i, layer in enumerate(a.layers()):
+        if i not in in_scope:
+            counts.append((0, 0))
+            continue
+        s = a.layer_sizes(layer)
+        n_kv, n_rep = s["kv_heads"], s["heads"] // s["kv_heads"]
+        n_units = n_rep if kind == "query" else n_kv
+        w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, n_kv, n_rep, kind)
+        target = share * sizes[i]
+        if cfg.units == "heads":
+            n_u = min(max(round(target / w_unit), 0), n_units - 1)
+            counts.append((n_u, 0))
+            continue
+        n_u = 0 if cfg.units == "ffn" else min(max(round(share * n_units), 0), n_units - 1)
+        n_c = min(max(round((target - n_u * w_unit) / w_ch), 0), s["intermediate"] - 1)
+        counts.append((n_u, n_c))
+    if cfg.units == "heads":  # whole heads: no channel to absorb rounding
+        return counts
+    return _correct(lm, counts, cfg, kind, in_scope)
+
+
+def _correct(lm, counts, cfg, kind, in_scope: set[int]) -> list[tuple[int, int]]:
+    """Spread the parameters the compensation biases add (and rounding) over the channel
+    counts of the layers in the scope."""
+    a = lm.adapter
+    decoder = decoder_param_count(a)
+    planned = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
+    excess = planned - round((1 - cfg.ratio) * decoder)  # > 0: remove a little more
+    out = []
+    for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
+        if i not in in_scope:
+            out.append((n_u, n_c))
+            continue
+        s = a.layer_sizes(layer)
+        w_ch = unit_weights(a.linears(layer), a.head_dim, s["kv_heads"], s["heads"] // s["kv_heads"], kind)[1]
+        extra = round(excess / len(in_scope) / w_ch)
+        out.append((n_u, min(max(n_c + extra, 0), s["intermediate"] - 1)))
+    return out
+
+
+def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: str,
+                    budget_shift: int = 0) -> list[tuple[int, int]]:
+    """AL-AM: pool the unit scores of every layer in the scope and remove the weakest until
+    ``ratio`` of the decoder parameters (plus ``budget_shift``) is gone.
+
+    Scores on per-layer scales (FLAP's fluctuation) are standardised within each layer
+    and module first; scores on one scale across the model (``standardise=False``,
+    Taylor's loss estimates) are compared raw, per parameter removed."""
+    a = lm.adapter
+    in_scope = set(scope_layers(cfg.scope, a.num_layers))
+    pool = []  # (score, weight, layer, "attn" | "mlp")
+    for i, (layer, sc) in enumerate(zip(a.layers(), scores, strict=True)):
+        if i not in in_scope:
+            continue
+        w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, sc.n_kv, sc.n_rep, kind)
+        if sc.standardise:
+            head_z = _z(sc.head_channels).view(len(sc.head), -1).mean(1)  # FLAP: standardise, then mean
+            units = attention_units(head_z, sc.n_kv, sc.n_rep, kind)
+            if cfg.units != "ffn":
+                pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
+            if cfg.units != "heads":
+                z = _z(sc.channel).sort().values
+                pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
+        else:
+            units = attention_units(sc.head, sc.n_kv, sc.n_rep, kind, sc.kv, sc.agg)
+            if cfg.units != "ffn":
+                pool += [(u[0] / w_unit, w_unit, i, "attn") for u in units[:-1]]
+            if cfg.units != "heads":
+                per_param = (sc.channel.double() / w_ch).sort().values
+                pool += [(float(v), w_ch, i, "mlp") for v in per_param[:-1].tolist()]
+    pool.sort(key=lambda p: p[0])
+    target = cfg.ratio * decoder_param_count(a) + budget_shift
+    removed, counts = 0, [[0, 0] for _ in scores]
+    for _, w, i, kind_ in pool:
+        if removed + w > target:
+            if kind_ == "attn" and cfg.units != "heads":
+                continue  # a large unit that would overshoot: a channel may still fit
+            break
+        removed += w
+        counts[i][0 if kind_ == "attn" else 1] += 1
+    return [tuple(c) for c in counts]
+
+
+def _build(lm, scores, counts, kind, cfg) -> StructurePlan:
+    a = lm.adapter
+    plan = StructurePlan.dense(a)
+    plan.layers = [layer_plan(sc, a.linears(layer), a.head_dim, kind, n_u, n_c, cfg.compensation)
+                   for sc, layer, (n_u, n_c) in zip(scores, a.layers(), counts, strict=True)]
+    return plan

