@@ -1,6 +1,7 @@
 """LLM-Pruner (taylor): importances against hand computations, groups, scope, structures, CLI."""
 
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -76,11 +77,18 @@ def by_hand(lm, layer: int, importance: str, agg="sum"):
     return head, kv, channel
 
 
+def score_model(pruner, lm, input_ids, layers=(0, 1)):
+    """What the structured driver does for a ModelScoreMethod: the pass it asks for, then its scores."""
+    request = pruner.gradient_request(list(layers))
+    grads = gradient_pass(lm, input_ids, device="cpu", **asdict(request)) if request else None
+    return pruner.model_scores(lm, grads, list(layers))
+
+
 @pytest.mark.parametrize("importance", ["element1", "element2", "vector"])
 def test_importance_equals_the_hand_computation(importance):
     lm = make_tiny("llama", **GQA)
     pruner = make_pruner("taylor", importance=importance, scope=FULL)
-    scores = pruner.model_scores(copy.deepcopy(lm), ids(), device="cpu", layers=[0, 1])
+    scores = score_model(pruner, copy.deepcopy(lm), ids())
     for layer in (0, 1):
         head, kv, channel = by_hand(lm, layer, importance)
         torch.testing.assert_close(scores[layer].head, head.double(), rtol=1e-4, atol=1e-7)
@@ -98,7 +106,7 @@ def test_element1_of_one_channel_is_w_times_grad():
     expected = sum(float((p[pre + n].detach()[j] * g[pre + n][j]).abs().sum()) for n in rows)
     down = pre + "down_proj.weight"
     expected += float((p[down].detach()[:, j] * g[down][:, j]).abs().sum())
-    scores = make_pruner("taylor", scope=FULL).model_scores(lm, ids(), device="cpu", layers=[0, 1])
+    scores = score_model(make_pruner("taylor", scope=FULL), lm, ids())
     assert float(scores[1].channel[j]) == pytest.approx(expected, rel=1e-4)
 
 
@@ -110,7 +118,7 @@ def test_qwen2_biases_count_in_their_rows_importance():
     kv0 = sum(float((p[pre + f"{s}_proj.weight"].detach()[:hd] * g[pre + f"{s}_proj.weight"][:hd]).abs().sum()
                     + (p[pre + f"{s}_proj.bias"].detach()[:hd] * g[pre + f"{s}_proj.bias"][:hd]).abs().sum())
               for s in ("k", "v"))
-    scores = make_pruner("taylor", scope=FULL).model_scores(lm, ids(), device="cpu", layers=[0, 1])
+    scores = score_model(make_pruner("taylor", scope=FULL), lm, ids())
     assert float(scores[0].kv[0]) == pytest.approx(kv0, rel=1e-4)
 
 
@@ -186,7 +194,7 @@ def test_ratio_is_met_and_the_model_runs(structure, importance):
     lm = make_tiny("llama", **GQA, num_hidden_layers=4)
     dense = decoder_param_count(lm.adapter)
     pruner = make_pruner("taylor", ratio=0.25, structure=structure, importance=importance, scope=FULL)
-    plan = prune_structured_(lm, pruner, ids() if pruner.uses_calibration else None)
+    plan = prune_structured_(lm, pruner, ids() if pruner.uses_data else None)
     assert abs(1 - decoder_param_count(lm.adapter) / dense - 0.25) < 0.02
     assert plan.planned_params["decoder"] == decoder_param_count(lm.adapter)
     assert lm.model(input_ids=ids()).logits.isfinite().all()
@@ -197,7 +205,7 @@ def test_baselines_need_no_data_and_random_is_seeded():
     for seed in (0, 0, 1):
         lm = make_tiny("llama", **GQA, num_hidden_layers=4)
         pruner = make_pruner("taylor", importance="random", seed=seed, ratio=0.3)
-        assert not pruner.uses_calibration
+        assert not pruner.uses_data
         plans.append(prune_structured_(lm, pruner, None))
     assert [lp.channels for lp in plans[0].layers] == [lp.channels for lp in plans[1].layers]
     assert [lp.channels for lp in plans[0].layers] != [lp.channels for lp in plans[2].layers]
@@ -272,7 +280,7 @@ def test_compensation_statistics_come_from_the_forward_passes_only(importance, c
     x = ids()
     pruner = make_pruner("taylor", importance=importance, compensation=True, scope=FULL,
                          checkpointing=checkpointing)
-    assert pruner.uses_calibration
+    assert pruner.uses_data
     grads = gradient_pass(copy.deepcopy(lm), x, [0, 1], input_stats=True, checkpointing=checkpointing,
                           backward=importance != "l2")
     assert all(st.count == x.numel() for st in grads.stats.values())  # not doubled by recomputation

@@ -1,22 +1,32 @@
-"""registry."""
+"""The method registry: every pruning method by name.
+
+    @register("wanda")
+    class WandaPruner(UnstructuredMethod): ...
+
+    method = make_pruner("wanda", sparsity=0.5, pattern="2:4")   # validated config, ConfigError otherwise
+
+The CLI's ``--method`` choices and the recipe stages come from ``METHODS``.
+"""
 
 from __future__ import annotations
 
 from codeprune.errors import ConfigError
+from codeprune.methods.contract import Method, Produces
 
-METHODS: dict[str, type] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
-    def deco(cls: type) -> type:
+    """Class decorator: register a ``Method`` subclass under ``name``."""
+    def deco(cls: type[Method]) -> type[Method]:
         cls.name = name
         METHODS[name] = cls
         return cls
     return deco
 
 
-def make_pruner(method: str, **options) -> object:
-    """The registered method ``method`` configured with ``options``."""
+def make_pruner(method: str, **options) -> Method:
+    """The registered method ``method`` configured with ``options`` (its config dataclass's fields)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}': choose one of {', '.join(sorted(METHODS))}")
     cls = METHODS[method]
@@ -25,3 +35,9 @@ def make_pruner(method: str, **options) -> object:
     except TypeError as e:
         raise ConfigError(f"bad option for {method}: {e}") from None
     return cls(config)
+
+
+def is_structured(method: str) -> bool:
+    """Whether ``method`` removes structures (produces a plan) rather than masking weights."""
+    cls = METHODS.get(method)
+    return cls is not None and cls.produces is Produces.PLAN

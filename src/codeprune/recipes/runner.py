@@ -1,4 +1,13 @@
-"""runner."""
+"""Running a recipe: its stages in order, each within its share of the target.
+
+    records = run_recipe(lm, load_recipe("flab"), target=0.22, state=RecipeState(...))
+
+``vocab`` and ``layers`` stages call methods/vocab.py and methods/depth.py; every
+other stage is a registered method run through ``methods.run_method`` (a single
+``codeprune prune --method X`` is a one-stage recipe: workflows/prune.py). Each
+stage returns a record (what it removed, its time, what it did); the prune
+workflow turns the records into the report.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from codeprune.errors import ConfigError
-from codeprune.recipes.spec import (
-    Recipe,
-    Stage,
-    check_budget,
-    structured_options,
-)
+from codeprune.methods import Produces, is_structured, run_method
+from codeprune.methods.structured.plan import decoder_param_count
+from codeprune.models.counting import count_parameters, linear_sparsity
+from codeprune.recipes.spec import Recipe, Stage, check_budget, stage_method
 
 
 @dataclass
@@ -27,12 +34,11 @@ class RecipeState:
     text_field: str
     device: object
     batch_size: int
+    offload: bool = False  # method stages may run layer by layer (the layers stage refuses it)
     remap: object = None  # original-tokenizer ids -> current ids, after a vocab stage
 
 
 def total_params(lm) -> int:
-    from codeprune.models.counting import count_parameters
-
     return count_parameters(lm.model)[0]
 
 
@@ -72,11 +78,7 @@ def _run_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict
         return _vocab_stage(lm, stage, budget, state)
     if stage.kind == "layers":
         return _layers_stage(lm, stage, budget, state)
-    from codeprune.methods import is_structured
-
-    if is_structured(stage.method):
-        return _structured_stage(lm, stage, budget, state)
-    return _sparse_stage(lm, stage, state)
+    return _method_stage(lm, stage, budget, state)
 
 
 def _skipped(reason: str) -> dict:
@@ -131,7 +133,6 @@ def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> di
 
 def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
     from codeprune.methods.depth import choose_layers, remove_layers_
-    from codeprune.methods.structured.plan import decoder_param_count
 
     a = lm.adapter
     before = a.num_layers
@@ -155,38 +156,43 @@ def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
             "scored_on": {"windows": ids.shape[0], "tokens": ids.shape[1]}}
 
 
-def _structured_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
-    from codeprune.methods import make_pruner
-    from codeprune.methods.structured.plan import decoder_param_count
-    from codeprune.methods.structured.prune import prune_structured_
+def _method_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
+    """A method / ffn / heads stage through the one dispatcher; structured stages at their
+    budget's share of the decoder (or their own ``ratio``)."""
+    ratio, decoder = None, decoder_param_count(lm.adapter)
+    if is_structured(stage.method):
+        ratio = stage.options["ratio"] if budget is None else budget / decoder
+        if ratio <= 0:
+            return _skipped("no budget left")
+    method = stage_method(stage, ratio)
+    ids = state.calib_ids if method.uses_data else None
+    result = run_method(lm, method, ids, device=state.device, offload=state.offload,
+                        batch_size=state.batch_size)
+    fields = {"method_options": dict(vars(method.config))}
+    if result.produces is Produces.MASKS:
+        actual, per_layer = linear_sparsity(lm.model, result.pruned)
+        return fields | {"pruning": "unstructured", "pattern": method.config.pattern,
+                         "sparsity_target": method.config.sparsity, "sparsity_actual": actual,
+                         "per_layer": per_layer}
+    return fields | _plan_fields(lm, method, result, decoder)
 
-    decoder = decoder_param_count(lm.adapter)
-    ratio = stage.options["ratio"] if budget is None else budget / decoder
-    if ratio <= 0:
-        return _skipped("no budget left")
-    pruner = make_pruner(stage.method, **structured_options(stage, ratio))
-    ids = state.calib_ids if pruner.uses_calibration else None
-    plan = prune_structured_(lm, pruner, ids, device=state.device, batch_size=state.batch_size)
-    out = {"ratio_decoder": ratio, "ratio_actual_decoder": 1 - decoder_param_count(lm.adapter) / decoder,
-           "structure": pruner.config.structure, "compensation": pruner.config.compensation,
-           "heads_per_layer": plan.heads_per_layer, "kv_heads_per_layer": plan.kv_heads_per_layer,
-           "ffn_per_layer": plan.ffn_per_layer, "notes": list(plan.notes)}
-    grads = getattr(pruner, "gradients", None)
+
+def _plan_fields(lm, method, result, decoder_before: int) -> dict:
+    """What a structured stage did, after checking the plan's parameter count against the model's."""
+    plan, decoder = result.plan, decoder_param_count(lm.adapter)
+    total = count_parameters(lm.model)[0]
+    if plan.planned_params != {"total": total, "decoder": decoder}:  # the plan's count is a contract
+        raise RuntimeError(f"plan predicted {plan.planned_params} parameters, surgery gave total {total}, "
+                           f"decoder {decoder}")
+    fields = {"pruning": "structured", "structure": method.config.structure,
+              "compensation": method.config.compensation, "ratio_target": method.config.ratio,
+              "ratio_actual_decoder": 1 - decoder / decoder_before, "params_decoder_dense": decoder_before,
+              "params_decoder": decoder, "heads_per_layer": plan.heads_per_layer,
+              "kv_heads_per_layer": plan.kv_heads_per_layer, "ffn_per_layer": plan.ffn_per_layer,
+              "structure_notes": list(plan.notes)}
+    grads = result.gradients
     if grads is not None:
-        out["gradient_pass"] = {"samples": grads.samples, "seconds": grads.seconds, "loss": grads.loss}
-    return out
-
-
-def _sparse_stage(lm, stage: Stage, state: RecipeState) -> dict:
-    from codeprune.methods import make_pruner
-    from codeprune.methods.unstructured.base import prune_model_
-    from codeprune.models.counting import linear_sparsity
-
-    o = stage.options
-    pruner = make_pruner(stage.method, sparsity=o.get("sparsity", 0.5),
-                         pattern=o.get("pattern", "unstructured"))
-    ids = state.calib_ids if pruner.needs_calibration else None
-    pruned = prune_model_(lm, pruner, ids, device=state.device, batch_size=state.batch_size)
-    return {"sparsity": pruner.config.sparsity, "pattern": pruner.config.pattern,
-            "sparsity_actual": linear_sparsity(lm.model, pruned)[0],
-            "note": "zeroed weights are not removed parameters: not counted toward the target"}
+        fields["gradient_pass"] = {"samples": grads.samples, "seconds": grads.seconds, "loss": grads.loss,
+                                   "peak_cuda_mb": grads.peak_memory_mb,
+                                   "checkpointing": method.config.checkpointing}
+    return fields

@@ -186,7 +186,7 @@ def _number(where: str, key: str, value, *, integer: bool = False, low: float = 
 
 def check_stage(stage: Stage, where: str) -> None:
     """Raise ConfigError for unknown stages, unknown keys and bad values (before any work)."""
-    from codeprune.methods import METHODS, is_structured, make_pruner
+    from codeprune.methods import METHODS, is_structured
     from codeprune.methods.depth import LAYER_METRICS
 
     o = stage.options
@@ -225,13 +225,13 @@ def check_stage(stage: Stage, where: str) -> None:
         _unknown(where, o, allowed)
         if ("ratio" in o) == ("share" in o):
             raise ConfigError(f"{where}: give exactly one of 'ratio' (of decoder parameters) and 'share'")
-        make_pruner(method, **structured_options(stage, o.get("ratio", 0.1)))  # validates the options
+        stage_method(stage)  # validates the options
         return
     if stage.kind in ("ffn", "heads"):
         raise ConfigError(f"{where}: '{method}' is unstructured; an {stage.kind} stage needs a structured "
                           "method (wanda-sp, flap, magnitude-sp, taylor)")
     _unknown(where, o, {"sparsity", "pattern"})
-    make_pruner(method, sparsity=o.get("sparsity", 0.5), pattern=o.get("pattern", "unstructured"))
+    stage_method(stage)  # validates the options
 
 
 def _unknown(where: str, options: dict, allowed: set[str]) -> None:
@@ -249,6 +249,39 @@ def structured_options(stage: Stage, ratio: float) -> dict:
         options.setdefault("structure", "uniform")  # one width everywhere: a vanilla config
         options.setdefault("compensation", False)  # biases Qwen2 cannot store plainly
     return {**options, "ratio": ratio}
+
+
+def stage_method(stage: Stage, ratio: float | None = None):
+    """The configured method of a method / ffn / heads stage (``ratio``: what a structured stage
+    removes, from its budget or its own ``ratio``)."""
+    from codeprune.methods import is_structured, make_pruner
+
+    if is_structured(stage.method):
+        return make_pruner(stage.method, **structured_options(stage, stage.options.get("ratio", 0.1)
+                                                              if ratio is None else ratio))
+    options = {k: v for k, v in stage.options.items() if k not in ("share", "method")}
+    return make_pruner(stage.method, **options)
+
+
+def stage_uses_data(stage: Stage) -> bool:
+    """Whether ``stage`` reads the calibration windows (vocab and layers stages always do)."""
+    return stage.kind in ("vocab", "layers") or stage_method(stage).uses_data
+
+
+def check_offload(recipe: Recipe, offload: bool) -> None:
+    """With ``offload`` (one layer at a time on the device), refuse the stages that need the whole
+    model on the device: the layer search (it compares full forward passes) and gradient methods."""
+    from codeprune.methods import Needs
+
+    if not offload:
+        return
+    for stage in recipe.stages:
+        if stage.kind == "layers":
+            raise ConfigError("a layers stage compares full forward passes, the whole model on one device: "
+                              "drop --offload")
+        if stage.kind != "vocab" and stage_method(stage).needs() is Needs.GRADIENTS:
+            raise ConfigError(f"'{stage.method}' back-propagates through the whole model, which must fit on "
+                              "the device: drop --offload")
 
 
 def check_budget(recipe: Recipe, target: float | None) -> None:

@@ -32,8 +32,7 @@ from codeprune.data.sources import code_corpora
 from codeprune.errors import ConfigError
 from codeprune.evaluation.efficiency import efficiency_report
 from codeprune.evaluation.perplexity import perplexity, protocol
-from codeprune.methods import is_structured, make_pruner
-from codeprune.methods.unstructured.base import prune_model_
+from codeprune.methods import is_structured, make_pruner, run_method
 from codeprune.models.checkpoint import disk_bytes
 from codeprune.models.counting import count_parameters, linear_sparsity
 from codeprune.models.loading import LoadedModel
@@ -88,7 +87,7 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
         raise ConfigError(f"the language sweep compares masks of the same shapes: '{method}' is structured "
                           "(use an unstructured method, or run `codeprune prune` once per language)")
     pruner = make_pruner(method, sparsity=sparsity, pattern=pattern, **method_options)
-    if not pruner.needs_calibration:
+    if not pruner.uses_data:
         raise ConfigError(f"method '{method}' uses no calibration data: a language sweep needs one that does")
     calib = parse_languages(calib_langs)
     evals = parse_languages(eval_langs) if eval_langs else dict(calib)
@@ -127,7 +126,8 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
                 for k, lin in linears.items():
                     lin.weight.copy_(dense_weights[k])
             start = time.perf_counter()
-            pruned = prune_model_(lm, pruner, calib_sets[lang].input_ids, device=dev, batch_size=batch_size)
+            ids = calib_sets[lang].input_ids
+            pruned = run_method(lm, pruner, ids, device=dev, batch_size=batch_size).pruned
             seconds = time.perf_counter() - start
             scores = score_all(f"{lang}-calibrated")
             actual, _ = linear_sparsity(lm.model, pruned)

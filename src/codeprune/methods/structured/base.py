@@ -35,15 +35,18 @@ on the dense model first, then cut.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from codeprune.calibration.gradients import GradientPass
 from codeprune.calibration.stats import ChannelStats
 from codeprune.errors import ConfigError
+from codeprune.methods.contract import GradientRequest, Method, Needs, Produces
+from codeprune.options import opt
 
 STRUCTURES = ("uniform", "adaptive")
 
@@ -98,13 +101,20 @@ def aggregate(members: torch.Tensor, agg: str) -> torch.Tensor:
 class StructuredConfig:
     """Options shared by the structured methods."""
 
-    ratio: float = 0.2  # fraction of decoder-layer parameters removed
-    structure: str = "uniform"  # uniform (UL-UM) or adaptive (AL-AM)
-    compensation: bool = False  # add the removed inputs' mean contribution as a bias
-    head_unit: str = "auto"  # query, group, or auto (query under GQA, group otherwise)
-    attn_square: bool = False  # square the head score (FLAP's public code)
-    scope: tuple[float, float] | str = (0.0, 1.0)  # layers pruned, as fractions of depth
-    units: str = "all"  # all: heads and FFN channels; ffn: FFN channels only; heads: attention only
+    ratio: float = opt(0.2, "fraction of decoder-layer parameters removed; the report also gives the "
+                       "fraction of all parameters")
+    structure: str = opt("uniform", "uniform: the same share in every layer (UL-UM, a plain checkpoint); "
+                         "adaptive: units pooled over the model, per-layer sizes (AL-AM)", choices=STRUCTURES)
+    compensation: bool = opt(False, "bias compensation: add the removed inputs' mean contribution to the "
+                             "output projection's bias")
+    head_unit: str = opt("auto", "attention unit under GQA: one query head per KV group (query) or a whole "
+                         "KV group (group); auto: query under GQA, group otherwise", choices=HEAD_UNITS)
+    attn_square: bool = opt(False, "square the head score, as FLAP's public code")
+    scope: tuple[float, float] | str = opt((0.0, 1.0), "layers pruned, as fractions of depth", type=str,
+                                           sep=":", metavar="START:END")
+    units: str = opt("all", "what is removed: heads and FFN channels (all), FFN channels only (ffn; with "
+                     "structure uniform every layer keeps the same width: a plain checkpoint) or attention "
+                     "heads only (heads)", choices=UNITS)
 
     def __post_init__(self) -> None:
         self.scope = parse_scope(self.scope)
@@ -118,35 +128,51 @@ class StructuredConfig:
             raise ConfigError(f"unknown head unit '{self.head_unit}': choose {', '.join(HEAD_UNITS)}")
 
 
-class StructuredPruner(ABC):
-    """Base class of a structured method: scores the inputs of o_proj and down_proj."""
+class StructuredMethod(Method):
+    """Base class of a structured method: it scores attention units and FFN channels, and the
+    driver (methods/structured/prune.py) turns the scores into a plan (``produces = PLAN``).
 
-    name: ClassVar[str] = ""
+    Subclass ``ChannelScoreMethod`` (scores from one layer's weights and input statistics, run
+    layer by layer: FLAP, Wanda-sp, magnitude-sp) or ``ModelScoreMethod`` (scores of every
+    layer at once from a whole-model gradient pass: LLM-Pruner)."""
+
     config_class: ClassVar[type[StructuredConfig]] = StructuredConfig
-    needs_calibration: ClassVar[bool] = True
-    structured: ClassVar[bool] = True
-    whole_model: ClassVar[bool] = False  # True: ``model_scores`` scores every layer at once
+    produces = Produces.PLAN
 
-    def model_scores(self, lm, input_ids: torch.Tensor | None, *, device,
-                     layers: list[int]) -> list[LayerScores]:
-        """Scores of every layer of the dense model (methods with ``whole_model``; the layers
-        outside ``layers`` are never pruned and may get placeholder scores)."""
-        raise TypeError(f"{type(self).__name__} scores layer by layer (channel_scores)")
 
-    def __init__(self, config: StructuredConfig):
-        self.config = config
+class ChannelScoreMethod(StructuredMethod):
+    """Scores the input channels of o_proj (a head's channels) and down_proj, layer by layer."""
 
-    @property
-    def uses_calibration(self) -> bool:
-        """Scores from data, or compensation means (even magnitude-sp needs data for those)."""
-        return self.needs_calibration or self.config.compensation
+    scores_from_data: ClassVar[bool] = True  # False: the weights alone (magnitude-sp)
+
+    def needs(self) -> Needs:
+        """Statistics for the scores, or for the compensation means (even magnitude-sp needs them)."""
+        data = self.scores_from_data or self.config.compensation
+        return Needs.LAYER_STATS if data else Needs.NOTHING
 
     @abstractmethod
     def channel_scores(self, module: str, linears: dict[str, nn.Linear],
                        stats: ChannelStats | None) -> torch.Tensor:
         """Scores (higher = keep) of the input channels of o_proj (``module="attention"``) or
         down_proj (``"mlp"``); ``stats``: that projection's input statistics (mean/var/l2),
-        None when the method needs no calibration."""
+        None when none were collected."""
+
+
+class ModelScoreMethod(StructuredMethod):
+    """Scores every layer of the dense model at once, from one whole-model gradient pass that
+    the driver runs on the method's ``gradient_request`` (calibration/gradients.py)."""
+
+    @abstractmethod
+    def gradient_request(self, layers: list[int]) -> GradientRequest | None:
+        """The pass this configured method needs over ``layers`` (None: the weights alone)."""
+
+    def needs(self) -> Needs:
+        return Needs.NOTHING if self.gradient_request([]) is None else Needs.GRADIENTS
+
+    @abstractmethod
+    def model_scores(self, lm, grads: GradientPass | None, layers: list[int]) -> list[LayerScores]:
+        """Scores of every layer (the layers outside ``layers`` are never pruned and may get
+        placeholder scores); ``grads`` is the pass asked for, or None."""
 
 
 @dataclass

@@ -28,7 +28,8 @@ from torch import nn
 from codeprune.calibration.stats import ChannelStats
 from codeprune.errors import ConfigError
 from codeprune.methods.registry import register
-from codeprune.methods.structured.base import StructuredConfig, StructuredPruner
+from codeprune.methods.structured.base import ChannelScoreMethod, StructuredConfig
+from codeprune.options import opt
 
 OUTPUT = {"attention": "o_proj", "mlp": "down_proj"}
 
@@ -40,7 +41,7 @@ METRICS = ("wifv", "ifv", "wifn")
 class FlapConfig(StructuredConfig):
     structure: str = "adaptive"
     compensation: bool = True
-    metric: str = "wifv"
+    metric: str = opt("wifv", "FLAP's fluctuation metric", choices=METRICS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,7 +60,7 @@ def fluctuation(metric: str, W: torch.Tensor, stats: ChannelStats) -> torch.Tens
 
 
 @register("flap")
-class FlapPruner(StructuredPruner):
+class FlapPruner(ChannelScoreMethod):
     config_class = FlapConfig
 
     def channel_scores(self, module: str, linears: dict[str, nn.Linear], stats: ChannelStats) -> torch.Tensor:
@@ -67,15 +68,15 @@ class FlapPruner(StructuredPruner):
 
 
 @register("wanda-sp")
-class WandaSPPruner(StructuredPruner):
+class WandaSPPruner(ChannelScoreMethod):
     def channel_scores(self, module: str, linears: dict[str, nn.Linear], stats: ChannelStats) -> torch.Tensor:
         W = linears[OUTPUT[module]].weight.float()
         return W.abs().mean(0) * stats.l2.float()
 
 
 @register("magnitude-sp")
-class MagnitudeSPPruner(StructuredPruner):
-    needs_calibration = False
+class MagnitudeSPPruner(ChannelScoreMethod):
+    scores_from_data = False  # the weights alone (data only for compensation)
 
     def channel_scores(self, module: str, linears: dict[str, nn.Linear], stats) -> torch.Tensor:
         score = linears[OUTPUT[module]].weight.float().abs().sum(0)

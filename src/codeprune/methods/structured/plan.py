@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -68,6 +69,7 @@ class StructurePlan:
     n_rep: int
     notes: list[str] = field(default_factory=list)
     planned_params: dict | None = None  # param_count() recorded before surgery
+    gradients: Any = None  # the gradient pass that scored it (calibration.gradients.GradientPass), if any
 
     @classmethod
     def dense(cls, adapter: DecoderAdapter) -> StructurePlan:

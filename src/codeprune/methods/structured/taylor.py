@@ -32,7 +32,8 @@ scale for every layer).
 
 Gradients: one forward/backward per calibration sample, all weights frozen except
 the Linears of the layers in the scope (no gradient memory for embeddings,
-lm_head, norms); ``engine.gradient_pass`` runs it. A post-accumulate hook folds
+lm_head, norms); the structured driver runs it (``calibration.gradients.gradient_pass``) on the
+method's ``gradient_request``. A post-accumulate hook folds
 each gradient into float32 sums (g and, for element2, g^2) and frees it at once,
 so at most one weight's gradient exists at a time; gradient checkpointing (on by
 default) keeps one layer's activations instead of all of them. See ``GradientPass`` and docs/taylor.md for
@@ -48,16 +49,18 @@ from dataclasses import dataclass
 
 import torch
 
-from codeprune.calibration.gradients import GradientPass, gradient_pass
+from codeprune.calibration.gradients import GradientPass
 from codeprune.errors import ConfigError
+from codeprune.methods.contract import GradientRequest
 from codeprune.methods.registry import register
 from codeprune.methods.structured.base import (
     AGGREGATIONS,
     LayerScores,
+    ModelScoreMethod,
     StructuredConfig,
-    StructuredPruner,
     aggregate,
 )
+from codeprune.options import opt
 
 IMPORTANCES = ("element1", "element2", "vector", "l2", "random")
 
@@ -70,11 +73,13 @@ ROW_MEMBERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # the othe
 
 @dataclass
 class TaylorConfig(StructuredConfig):
-    importance: str = "element1"
-    aggregation: str = "sum"
+    importance: str = opt("element1", "element1 |W*g|, element2 (+ the Fisher term), vector, or the "
+                          "baselines l2 and random", choices=IMPORTANCES)
+    aggregation: str = opt("sum", "how a group combines its members' importances", choices=AGGREGATIONS)
     scope: tuple[float, float] | str = (0.1, 0.9)
-    checkpointing: bool = True  # gradient checkpointing during the gradient pass
-    seed: int = 0  # for importance "random"
+    checkpointing: bool = opt(True, "activation checkpointing in the gradient pass (off: faster, more "
+                              "memory)")
+    seed: int = opt(0, "seed of the random importance baseline (the run's --seed)", cli=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,27 +105,20 @@ def member_vectors(importance: str, W: torch.Tensor, g: torch.Tensor | None, F: 
 
 
 @register("taylor")
-class TaylorPruner(StructuredPruner):
+class TaylorPruner(ModelScoreMethod):
     config_class = TaylorConfig
-    whole_model = True
-    gradients: GradientPass | None = None  # the last gradient pass (timings and memory for the report)
 
-    @property
-    def uses_calibration(self) -> bool:
-        return self.config.importance in GRADIENT_IMPORTANCES or self.config.compensation
+    def gradient_request(self, layers: list[int]) -> GradientRequest | None:
+        cfg = self.config
+        backward = cfg.importance in GRADIENT_IMPORTANCES
+        if not backward and not cfg.compensation:
+            return None  # l2 / random: the weights alone
+        return GradientRequest(layers, second_order=cfg.importance == "element2",
+                               checkpointing=cfg.checkpointing, input_stats=cfg.compensation,
+                               backward=backward)
 
-    def channel_scores(self, module, linears, stats):  # whole-model method: see model_scores
-        raise TypeError("taylor scores the whole model at once (model_scores)")
-
-    def model_scores(self, lm, input_ids, *, device, layers: list[int]) -> list[LayerScores]:
+    def model_scores(self, lm, grads: GradientPass | None, layers: list[int]) -> list[LayerScores]:
         cfg, a = self.config, lm.adapter
-        grads = None
-        self.gradients = None
-        if cfg.importance in GRADIENT_IMPORTANCES or cfg.compensation:
-            grads = gradient_pass(lm, input_ids, layers, second_order=cfg.importance == "element2",
-                                  checkpointing=cfg.checkpointing, device=device,
-                                  input_stats=cfg.compensation,
-                                  backward=cfg.importance in GRADIENT_IMPORTANCES)
         generator = torch.Generator().manual_seed(cfg.seed)
         scores = []
         for i, layer in enumerate(a.layers()):
@@ -142,9 +140,6 @@ class TaylorPruner(StructuredPruner):
                                       o_stats.mean if o_stats is not None else None,
                                       d_stats.mean if d_stats is not None else None,
                                       n_kv, n_rep, kv, cfg.aggregation, False))
-        if grads is not None and grads.grad:
-            grads.grad, grads.fisher = {}, None  # the sums are spent: free them before surgery
-            self.gradients = grads
         return scores
 
     def _layer_importance(self, a, i: int, layer, grads: GradientPass | None):

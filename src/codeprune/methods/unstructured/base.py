@@ -1,25 +1,31 @@
-"""What every unstructured / N:M method shares: its config, the pruner interface, the registry.
+"""What every unstructured / N:M method shares: its config, its base class, its driver.
 
 A method is one small module: a config dataclass validated in ``__post_init__``
-and a ``Pruner`` subclass with two hooks the engine calls:
+and an ``UnstructuredMethod`` subclass (``produces = Produces.MASKS``, see
+methods/contract.py) with two hooks the sequential engine calls per Linear:
 
     make_stats(name, linear) -> accumulator | None   input statistics it needs
     prune_(name, linear, stats)                       set the weights in place
 
-Register it with ``@register("name")``; see docs/adding-a-method.md.
+``prune_model_`` runs them over every decoder layer (through the engine, or
+directly for a method that ``needs()`` nothing). Register a method with
+``@register("name")``; see docs/adding-a-method.md.
 """
 
 from __future__ import annotations
 
 import re
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from codeprune.calibration.engine import calibrate_layers
 from codeprune.errors import ConfigError
+from codeprune.methods.contract import Method, Needs, Produces, check_inputs
+from codeprune.options import opt
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -39,8 +45,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 class PruneConfig:
     """Options shared by the unstructured / N:M methods."""
 
-    sparsity: float = 0.5  # fraction of each pruned Linear's weights set to zero
-    pattern: str = "unstructured"  # or "N:M"; with N:M the sparsity is N/M exactly
+    sparsity: float = opt(0.5, "fraction of the weights of each pruned Linear set to zero")
+    pattern: str = opt("unstructured", "unstructured, or N:M such as 2:4 (N zeros in every M weights; the "
+                       "sparsity is then N/M)", metavar="unstructured|N:M")
 
     def __post_init__(self) -> None:
         nm = parse_pattern(self.pattern)
@@ -54,17 +61,17 @@ class PruneConfig:
         return parse_pattern(self.pattern)
 
 
-class Pruner(ABC):
-    """Base class of a method that prunes each Linear of a decoder layer."""
+class UnstructuredMethod(Method):
+    """Base class of a method that masks each Linear of a decoder layer (same shapes)."""
 
-    name: ClassVar[str] = ""
     config_class: ClassVar[type[PruneConfig]] = PruneConfig
-    needs_calibration: ClassVar[bool] = True
+    produces = Produces.MASKS
 
-    def __init__(self, config: PruneConfig):
-        self.config = config
+    def needs(self) -> Needs:
+        return Needs.LAYER_STATS
 
     def make_stats(self, name: str, linear: nn.Linear):
+        """The accumulator ``prune_`` needs for ``linear``'s input (calibration/stats.py), or None."""
         return None
 
     @abstractmethod
@@ -78,14 +85,12 @@ def apply_mask_(linear: nn.Linear, mask: torch.Tensor) -> None:
     linear.weight.mul_(~mask)
 
 
-def prune_model_(lm, pruner: Pruner, input_ids: torch.Tensor | None, *, device="cpu",
+def prune_model_(lm, pruner: UnstructuredMethod, input_ids: torch.Tensor | None, *, device="cpu",
                  offload: bool = False, batch_size: int = 8) -> list[nn.Linear]:
     """Prune every decoder-layer Linear of ``lm`` in place; returns the pruned Linears.
 
     Embeddings and lm_head are never pruned. Methods that need calibration run
     through the sequential engine; magnitude needs no data and no forward pass."""
-    from codeprune.calibration.engine import calibrate_layers
-
     pruned: list[nn.Linear] = []
 
     def on_layer(index, layer, linears, stats):
@@ -93,12 +98,11 @@ def prune_model_(lm, pruner: Pruner, input_ids: torch.Tensor | None, *, device="
             pruner.prune_(name, linear, stats.get(name))
             pruned.append(linear)
 
-    if not pruner.needs_calibration:
+    check_inputs(pruner, input_ids, offload)
+    if pruner.needs() is Needs.NOTHING:
         for i, layer in enumerate(lm.adapter.layers()):
             on_layer(i, layer, lm.adapter.linears(layer), {})
         return pruned
-    if input_ids is None:
-        raise ConfigError(f"method '{pruner.name}' needs calibration data")
     calibrate_layers(lm, input_ids, make_stats=pruner.make_stats, on_layer=on_layer,
                      device=device, offload=offload, batch_size=batch_size, desc=pruner.name)
     return pruned

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from codeprune.methods.contract import Needs
 from codeprune.methods.registry import register
-from codeprune.methods.unstructured.base import Pruner, apply_mask_
+from codeprune.methods.unstructured.base import UnstructuredMethod, apply_mask_
 from codeprune.methods.unstructured.masks import select_mask
 
 
@@ -14,8 +15,9 @@ def magnitude_scores(W):
 
 
 @register("magnitude")
-class MagnitudePruner(Pruner):
-    needs_calibration = False
+class MagnitudePruner(UnstructuredMethod):
+    def needs(self) -> Needs:
+        return Needs.NOTHING  # the weights alone
 
     def prune_(self, name: str, linear: nn.Linear, stats) -> None:
         scores = magnitude_scores(linear.weight.float())

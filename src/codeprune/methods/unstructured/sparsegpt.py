@@ -19,13 +19,14 @@ from torch import nn
 from codeprune.calibration.stats import HessianStats
 from codeprune.errors import ConfigError
 from codeprune.methods.registry import register
-from codeprune.methods.unstructured.base import PruneConfig, Pruner
+from codeprune.methods.unstructured.base import PruneConfig, UnstructuredMethod
+from codeprune.options import opt
 
 
 @dataclass
 class SparseGPTConfig(PruneConfig):
-    block_size: int = 128  # columns solved together (the reference value)
-    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = opt(128, "columns solved together (the reference value)")
+    damp: float = opt(0.01, "fraction of mean(diag H) added to the Hessian's diagonal")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,7 +93,7 @@ def sparsegpt_prune_(W: torch.Tensor, H: torch.Tensor, sparsity: float,
 
 
 @register("sparsegpt")
-class SparseGPTPruner(Pruner):
+class SparseGPTPruner(UnstructuredMethod):
     config_class = SparseGPTConfig
 
     def make_stats(self, name: str, linear: nn.Linear) -> HessianStats:

@@ -14,7 +14,7 @@ from torch import nn
 
 from codeprune.calibration.stats import ChannelStats
 from codeprune.methods.registry import register
-from codeprune.methods.unstructured.base import Pruner, apply_mask_
+from codeprune.methods.unstructured.base import UnstructuredMethod, apply_mask_
 from codeprune.methods.unstructured.masks import select_mask
 
 
@@ -24,7 +24,7 @@ def wanda_scores(W: torch.Tensor, x_l2: torch.Tensor) -> torch.Tensor:
 
 
 @register("wanda")
-class WandaPruner(Pruner):
+class WandaPruner(UnstructuredMethod):
     def make_stats(self, name: str, linear: nn.Linear) -> ChannelStats:
         return ChannelStats()
 
