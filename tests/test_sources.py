@@ -1,9 +1,11 @@
 """Model sources: name resolution, checksums, cache, corrupt inputs."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from codeprune.errors import (
     CorruptModelError,
@@ -89,3 +91,56 @@ def test_folder_of_unsupported_architecture_fails_before_weights(tmp_path):
 
 def test_cache_root_env(tmp_path):
     assert sources.cache_root() == Path(tmp_path / "cache")
+
+
+def _checkpoint_with_card(tiny_tokenizer, folder: Path, card: str | None) -> Path:
+    out = save_checkpoint(make_tiny("llama", tokenizer=tiny_tokenizer), folder, card=card)
+    config = json.loads((out / "config.json").read_text())
+    config["_model_name_or_path"] = "Smollm2 135M 8k Lc100K Mix1 Ep2"  # as a GGUF's general.name gives
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_folder_origin_carries_its_card_and_dtype(tiny_tokenizer, tmp_path):
+    card = "---\nbase_model: org/base-model\nlicense: mit\ntags: [x]\n---\n# a model\n"
+    src = _checkpoint_with_card(tiny_tokenizer, tmp_path / "src", card)
+    lm = load_model(str(src))
+    assert {k: lm.origin.get(k) for k in ("kind", "base_model", "license", "model_type", "dtype")} == {
+        "kind": "folder", "base_model": "org/base-model", "license": "mit", "model_type": "llama",
+        "dtype": "float32"}
+    assert not hasattr(lm.config, "_model_name_or_path")
+    out = save_checkpoint(lm, tmp_path / "out")
+    text = (out / "config.json").read_text()
+    config = json.loads(text)
+    assert not {"_name_or_path", "_model_name_or_path"} & set(config)
+    assert str(tmp_path) not in text and "Smollm2" not in text
+
+
+def test_folder_without_card_has_no_base_model(tiny_tokenizer, tmp_path):
+    src = _checkpoint_with_card(tiny_tokenizer, tmp_path / "src", None)
+    (src / "README.md").write_text("# no front matter\n")
+    origin = load_model(str(src)).origin
+    assert "base_model" not in origin and "license" not in origin and origin["dtype"] == "float32"
+
+
+def test_dequantized_cache_folder_defaults_to_bfloat16_and_its_upstream(tiny_tokenizer, tmp_path):
+    src = _checkpoint_with_card(tiny_tokenizer, tmp_path / "src", None)
+    (src / sources.SOURCE_FILE).write_text(json.dumps({"alias": "smollm2-135m", "upstream": "old"}))
+    lm = load_model(str(src))
+    assert lm.origin["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert lm.origin["license"] == "apache-2.0" and lm.origin["dtype"] == "bfloat16"
+    out = save_checkpoint(lm, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert lm.model.dtype == torch.float32
+
+
+def test_every_offline_alias_names_a_license():
+    assert all(spec.license and "/" in spec.upstream for spec in OFFLINE_MODELS.values())
+
+
+def test_gguf_metadata_of_the_offline_135m():
+    spec = OFFLINE_MODELS["smollm2-135m"]
+    if not sources.is_installed(spec):
+        pytest.skip(f"smollm2-135m not installed: {spec.pip_command}")
+    path = sources._locate(spec, *spec.parts[0])
+    assert sources.gguf_metadata(path) == {"license": "apache-2.0"}  # it names no base repository

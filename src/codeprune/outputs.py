@@ -1,14 +1,13 @@
-"""Write a pruned model as a plain Hugging Face checkpoint, atomically.
+"""Output folders: refuse an existing one unless told, and write new ones atomically.
 
-Unstructured / N:M results keep every shape, so the folder is a standard
-checkpoint (safetensors, config, tokenizer, generation config) that plain
-``AutoModelForCausalLM.from_pretrained`` loads and vLLM serves. So are uniform
-structured results. Structured results whose layers differ (``per_layer_config``)
-or that carry biases the architecture has no flag for also get
-``modeling_codeprune.py`` (models/pruned_modeling.py) beside the weights, for
-``from_pretrained(path, trust_remote_code=True)``. Everything is
-written into a hidden temporary folder beside the target and renamed into
-place at the end: an interrupted run leaves nothing half-written.
+    out = check_output("runs/wanda50", overwrite=False)      # before any work is done
+    write_atomically("runs/wanda50", False, lambda tmp: (tmp / "a.json").write_text("{}"))
+
+``fill`` writes into a hidden temporary folder beside the target, which is renamed
+into place at the end: an interrupted run leaves nothing half-written. Before the
+rename every folder inside becomes mode 0755 and every file 0644 (mkdtemp makes
+0700 and transformers writes safetensors 0600), so other users of a shared
+machine can read a checkpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def write_atomically(out: str | Path, overwrite: bool, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
-        tmp.chmod(0o755)
+        _make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -50,3 +49,15 @@ def write_atomically(out: str | Path, overwrite: bool, fill) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _make_readable(folder: Path) -> None:
+    """Folders 0755 and files 0644 under ``folder`` (itself included); links are left alone."""
+    folder.chmod(0o755)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o644)

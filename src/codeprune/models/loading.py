@@ -1,4 +1,15 @@
-"""loading."""
+"""Load a model by name into a ``LoadedModel``: an offline alias, a .gguf file, a folder or a hub id.
+
+    lm = load_model("smollm2-135m")      # lm.origin: {"kind": "alias", "base_model": "HuggingFaceTB/...",
+                                         #             "license": "apache-2.0", "dtype": "bfloat16", ...}
+    lm = load_model("runs/wanda50", dtype="bfloat16")
+
+``origin`` records where the weights came from and what a checkpoint made from
+them carries: the base model (a hub id), its license where known (offline alias
+metadata, GGUF metadata, a folder's README front matter, the hub's README), the
+family's ``model_type``, and ``dtype``, the source's own precision (the default of
+``save_checkpoint``; bfloat16 for dequantized GGUF weights, which load as float32).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +24,12 @@ from torch import nn
 from codeprune.errors import CorruptModelError, ModelNotFoundError
 from codeprune.models.adapters import get_adapter
 from codeprune.models.adapters.base import DecoderAdapter
+from codeprune.models.dtypes import DEQUANTIZED_DTYPE, config_dtype, parse_dtype
 from codeprune.models.offline import (
     OFFLINE_MODELS,
     SOURCE_FILE,
     _gguf_cache,
+    drop_gguf_names,
     ensure_cached,
 )
 
@@ -29,7 +42,8 @@ class LoadedModel:
     tokenizer: object
     adapter: DecoderAdapter
     name: str  # what the user asked for
-    origin: dict = field(default_factory=dict)  # kind, path, and a note on quantized sources
+    # kind, path, base_model, license, model_type, dtype (the source's), a note on quantized sources
+    origin: dict = field(default_factory=dict)
 
     @property
     def config(self):
@@ -69,10 +83,11 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32") -> LoadedMode
         where = ensure_cached(str(where))
     elif kind == "gguf":
         where = _gguf_cache(Path(where))
-    if kind in ("alias", "gguf"):
-        origin.update(json.loads((Path(where) / SOURCE_FILE).read_text()))
+    origin.update(_source_metadata(kind, name, Path(where) if kind != "hub" else None))
     origin["path"] = str(where)
-    model, tokenizer = _from_pretrained(str(where), kind, name, _dtype(dtype))
+    model, tokenizer, source_dtype = _from_pretrained(str(where), kind, name, parse_dtype(dtype))
+    origin["model_type"] = model.config.model_type
+    origin.setdefault("dtype", source_dtype)
     adapter = get_adapter(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,15 +110,53 @@ def load_tokenizer(name: str):
         raise err(f"cannot load the tokenizer of '{name}': {_first_line(e)}") from e
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        from codeprune.errors import ConfigError
-        raise ConfigError(f"unknown dtype '{dtype}': choose float32, bfloat16 or float16")
-    return table[dtype]
+def _source_metadata(kind: str, name: str, folder: Path | None) -> dict:
+    """What ``origin`` knows about the source before loading weights: a dequantized cache's
+    record (alias / .gguf, or a cache folder given by path), else a folder's README front matter,
+    else the hub's; ``base_model`` is a hub id or absent (never a local path)."""
+    marker = folder / SOURCE_FILE if folder is not None else None
+    if marker is not None and marker.is_file():  # weights dequantized from a GGUF file
+        info = json.loads(marker.read_text())
+        spec = OFFLINE_MODELS.get(info.get("alias", ""))
+        if spec is not None:  # the alias's own metadata wins over an older cache record
+            info.update(base_model=spec.upstream, license=spec.license)
+        return {k: v for k, v in info.items() if v is not None} | {"dtype": DEQUANTIZED_DTYPE}
+    meta = _front_matter(folder / "README.md") if folder is not None else _hub_front_matter(name)
+    base = meta.get("base_model")
+    if isinstance(base, list):
+        base = base[0] if len(base) == 1 else None
+    if kind == "hub":
+        base = name
+    out = {"base_model": base if isinstance(base, str) else None, "license": meta.get("license")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _front_matter(readme: Path) -> dict:
+    """The YAML front matter of a model card (README.md), or {} when there is none."""
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    head, sep, _ = text[3:].partition("\n---")
+    try:
+        meta = yaml.safe_load(head) if sep else None
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _hub_front_matter(repo_id: str) -> dict:
+    """The front matter of a hub model's README (from the HF cache when offline), or {}."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _front_matter(Path(hf_hub_download(repo_id, "README.md")))
+    except Exception:  # no README, no network, a gated repo: the card just names no license
+        return {}
 
 
 def _from_pretrained(where: str, kind: str, name: str, dtype: torch.dtype):
@@ -121,20 +174,20 @@ def _from_pretrained(where: str, kind: str, name: str, dtype: torch.dtype):
             f"a folder or a .gguf file, and the hub could not provide it ({_first_line(e)})"
         ) from e
     check_supported(config)  # fail before reading gigabytes of weights
-    from codeprune.models.checkpoint import needs_modeling_file
+    source_dtype = config_dtype(config)  # loading in ``dtype`` overwrites config.dtype
+    from codeprune.models.checkpoint import needs_modeling_file, pruned_model_class
 
     loader = AutoModelForCausalLM
     if needs_modeling_file(config):  # a structurally pruned checkpoint (per-layer sizes, extra biases)
-        from codeprune.models.pruned_modeling import model_class
-
-        loader = model_class(config.model_type)
+        loader = pruned_model_class(config)
     try:
         model = loader.from_pretrained(where, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as e:
         raise CorruptModelError(f"cannot load model '{name}': {_first_line(e)}") from e
     model.eval()
-    return model, tokenizer
+    drop_gguf_names(model.config)  # a cache folder written before codeprune dropped them
+    return model, tokenizer, source_dtype
 
 
 def _first_line(e: Exception) -> str:

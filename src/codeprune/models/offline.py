@@ -45,6 +45,7 @@ class OfflineModel:
     size: int  # bytes of the assembled GGUF
     sha256: str
     summary: str
+    license: str  # of the upstream model (its model card), carried into pruned checkpoints' cards
 
     @property
     def distributions(self) -> list[str]:
@@ -76,6 +77,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             summary="Llama, 30 layers, hidden 576, 9/3 heads, vocab 49152, tied embeddings",
+            license="apache-2.0",
         ),
         OfflineModel(
             alias="qwen2.5-coder-0.5b",
@@ -87,6 +89,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             summary="Qwen2, 24 layers, hidden 896, 14/2 heads, vocab 151936, untied lm_head "
                     "(GGUF made from the AWQ checkpoint)",
+            license="apache-2.0",
         ),
         OfflineModel(
             alias="qwen2.5-coder-1.5b",
@@ -97,6 +100,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             summary="Qwen2, 28 layers, hidden 1536, 12/2 heads, vocab 151936, untied lm_head",
+            license="apache-2.0",
         ),
     )
 }
@@ -212,6 +216,7 @@ def _dequantize_to_folder(gguf: Path, dest: Path, source_info: dict) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = source_info.get("upstream", name)
+    drop_gguf_names(config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
@@ -230,6 +235,35 @@ def _dequantize_to_folder(gguf: Path, dest: Path, source_info: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# config fields transformers' GGUF reader fills from the file's metadata: general.name is often a
+# training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2"), not a model one can load
+GGUF_NAME_FIELDS = ("_model_name_or_path",)
+
+
+def drop_gguf_names(config) -> None:
+    """Remove the GGUF-derived name fields from ``config`` (they would reach saved config.json)."""
+    for key in GGUF_NAME_FIELDS:
+        if key in config.__dict__:
+            delattr(config, key)
+
+
+def gguf_metadata(path: Path) -> dict:
+    """{"license", "base_model"} from a GGUF file's general.* metadata where present; base_model
+    only when the file names a Hugging Face repository."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        value = {k: fields[k].contents() for k in fields if k.startswith("general.")}
+    except Exception:  # an unreadable file fails later, with a clear error, in the dequantization
+        return {}
+    url = value.get("general.base_model.0.repo_url") or value.get("general.source.repo_url") or ""
+    prefix = "https://huggingface.co/"
+    base = url[len(prefix):].strip("/") if isinstance(url, str) and url.startswith(prefix) else None
+    out = {"license": value.get("general.license"), "base_model": base}
+    return {k: v for k, v in out.items() if isinstance(v, str) and v}
+
+
 def ensure_cached(alias: str) -> Path:
     """The cached safetensors folder of an offline alias, built on first use."""
     spec = offline_spec(alias)
@@ -240,7 +274,7 @@ def ensure_cached(alias: str) -> Path:
         gguf = _assemble_gguf(spec, Path(work))
         info = {
             "alias": alias, "upstream": spec.upstream, "quantization": spec.quantization,
-            "sha256": spec.sha256,
+            "sha256": spec.sha256, "base_model": spec.upstream, "license": spec.license,
             "note": f"dequantized from a {spec.quantization} GGUF: 4-bit weights, not the original bf16",
         }
         _dequantize_to_folder(gguf, dest, info)
@@ -252,7 +286,7 @@ def _gguf_cache(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
     dest = cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
     if not (dest / SOURCE_FILE).is_file():
-        info = {"gguf": str(path.resolve()), "upstream": path.stem,
+        info = {"gguf": str(path.resolve()), "upstream": path.stem, **gguf_metadata(path),
                 "note": "dequantized from a GGUF file: quantized weights, not the original"}
         _dequantize_to_folder(path, dest, info)
     return dest
