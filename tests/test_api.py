@@ -59,7 +59,7 @@ def test_evaluate_with_efficiency(tiny_tokenizer, code_dir, tmp_path, capsys):
     res = codeprune.prune(lm, "magnitude", calib=f"python:{code_dir}", samples=2, seq_len=16,
                           eval_ppl=False, out=tmp_path / "run")
     assert main(["eval", "--model", str(res.out), "--ppl", f"python:{code_dir}", "--seq-len", "16",
-                 "--windows", "2", "--efficiency"]) == 0
+                 "--windows", "2"]) == 0
     out = capsys.readouterr().out
     assert "prefill" in out and "decode" in out and "MACs/token" in out
     scores = codeprune.evaluate(str(res.out), ppl=[f"python:{code_dir}"], seq_len=16, windows=2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -158,6 +159,7 @@ FAKE = OfflineModel(
     size=1234,
     sha256="0" * 64,
     summary="not a real model",
+    license="apache-2.0",
 )
 
 
@@ -319,3 +321,164 @@ def test_language_without_folder(capsys):
 def test_bad_device(device, code_dir: Path, capsys):
     code, _, err = run_cli(["eval", "--model", "smollm2-135m", "--device", device], capsys)
     assert "device" in assert_one_line_error(code, err)
+
+
+# -- the parser: help, examples, --json, --version, options generated from the configs ----------
+
+
+def _subparsers(parser):
+    import argparse
+
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    code = ("import sys\nfrom codeprune.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'codeprune.methods') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout
+    assert "prune" in proc.stdout and "--version" in proc.stdout
+
+
+def test_version(capsys):
+    from codeprune.version import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"codeprune {__version__}"
+
+
+def test_every_option_has_help_and_every_command_examples_and_json():
+    from codeprune.cli import build_parser
+
+    commands = _subparsers(build_parser(full=True))
+    assert set(commands) == {"models", "prune", "eval", "sweep", "compare", "report", "recover",
+                             "instructions", "distill-data"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings or action.dest)
+        flags = {f for a in sub._actions for f in a.option_strings}
+        assert "--json" in flags, name
+        examples = [line for line in sub.epilog.splitlines() if f"codeprune {name}" in line]
+        assert 2 <= len(examples) <= 4, name
+    assert "--efficiency" not in {f for a in commands["eval"]._actions for f in a.option_strings}
+    for name in ("prune", "sweep", "recover"):
+        dtype = next(a for a in commands[name]._actions if "--save-dtype" in a.option_strings)
+        assert tuple(dtype.choices) == ("float32", "bfloat16", "float16") and dtype.default is None
+
+
+def test_every_method_option_is_a_flag_of_prune_and_a_recipe_key():
+    """A method's options reach it from the CLI and from a recipe stage, with help text."""
+    from codeprune.cli import build_parser
+    from codeprune.methods import METHODS, is_structured
+    from codeprune.options import config_options
+    from codeprune.recipes.spec import Stage, check_stage
+
+    prune = _subparsers(build_parser("prune"))["prune"]
+    flags = {f: a for a in prune._actions for f in a.option_strings}
+    for method, cls in METHODS.items():
+        for o in config_options(cls.config_class):
+            assert o.meta.help, (method, o.name)
+            if o.meta.cli:
+                assert o.flag in flags, (method, o.flag)
+                if o.meta.choices:
+                    assert tuple(flags[o.flag].choices) == o.meta.choices
+            options = {o.name: o.default}
+            if is_structured(method) and o.name != "ratio":
+                options["ratio"] = 0.1
+            check_stage(Stage(method, options), f"{method}.{o.name}")  # raises on an unknown key
+
+
+def test_recipe_stage_refuses_an_option_its_method_lacks():
+    from codeprune.errors import ConfigError
+    from codeprune.recipes.spec import parse_recipe
+
+    parse_recipe({"stages": [{"stage": "sparsegpt", "block_size": 64, "damp": 0.02}]})
+    with pytest.raises(ConfigError, match="block_size"):
+        parse_recipe({"stages": [{"stage": "wanda", "block_size": 64}]})
+    with pytest.raises(ConfigError, match="units"):
+        parse_recipe({"stages": [{"stage": "ffn", "ratio": 0.1, "units": "heads"}]})
+
+
+class _Captured:
+    def __init__(self, result):
+        self.result, self.calls = result, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result
+
+
+def test_prune_passes_only_the_method_options_given(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    fake = _Captured(SimpleNamespace(report={"ok": True}, out=None))
+    monkeypatch.setattr("codeprune.api.prune", fake)
+    assert main(["prune", "--model", "m", "--method", "sparsegpt", "--block-size", "64", "--damp", "0.02",
+                 "--pattern", "2:4", "--save-dtype", "bfloat16", "--json"]) == 0
+    (args, kwargs), = fake.calls
+    assert args == ("m", "sparsegpt")
+    assert kwargs["block_size"] == 64 and kwargs["damp"] == 0.02 and kwargs["pattern"] == "2:4"
+    assert kwargs["save_dtype"] == "bfloat16"
+    assert "sparsity" not in kwargs and "ratio" not in kwargs  # absent: the method's default
+    assert json.loads(capsys.readouterr().out) == {"ok": True}
+    fake.calls.clear()
+    assert main(["prune", "--model", "m", "--method", "taylor", "--no-checkpointing", "--scope", "0.2:0.8",
+                 "--no-compensation", "--json"]) == 0
+    (_, kwargs), = fake.calls
+    assert kwargs["checkpointing"] is False and kwargs["compensation"] is False
+    assert kwargs["scope"] == "0.2:0.8" and "save_dtype" not in kwargs
+
+
+def test_recover_distill_and_eval_options_reach_their_configs(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from codeprune.evaluation.humaneval import HumanEvalConfig
+
+    rec = _Captured(SimpleNamespace(report={}, out=None))
+    monkeypatch.setattr("codeprune.api.recover", rec)
+    assert main(["recover", "--model", "m", "--data", "d.jsonl", "--out", "o", "--targets", "q_proj,v_proj",
+                 "--lora-r", "4", "--warmup-ratio", "0.1", "--save-dtype", "float16"]) == 0
+    (_, kwargs), = rec.calls
+    assert kwargs["targets"] == ("q_proj", "v_proj") and kwargs["lora_r"] == 4
+    assert kwargs["warmup_ratio"] == 0.1 and kwargs["save_dtype"] == "float16" and "lr" not in kwargs
+
+    dis = _Captured(([], {"out": "o"}))
+    monkeypatch.setattr("codeprune.api.distill_data", dis)
+    assert main(["distill-data", "--original", "a", "--pruned", "b", "--data", "d", "--out", "o",
+                 "--criterion", "match", "--limit", "3", "--json"]) == 0
+    (_, kwargs), = dis.calls
+    assert kwargs["criterion"] == "match" and kwargs["limit"] == 3 and "workers" not in kwargs
+
+    ev = _Captured({"out": None})
+    monkeypatch.setattr("codeprune.api.evaluate", ev)
+    assert main(["eval", "--completions", "s.jsonl", "--k", "1,5", "--samples", "5", "--json"]) == 0
+    (_, kwargs), = ev.calls
+    assert kwargs["humaneval"] == HumanEvalConfig(samples=5, ks=(1, 5), completions="s.jsonl")
+    capsys.readouterr()
+    code, _, err = run_cli(["eval", "--completions", "s.jsonl", "--k", "1,x"], capsys)
+    assert "--k takes comma-separated integers, got '1,x'" in assert_one_line_error(code, err)
+
+
+def test_models_and_instructions_json(monkeypatch, capsys):
+    code, stdout, _ = run_cli(["models", "--json"], capsys)
+    assert code == 0
+    rows = json.loads(stdout)
+    assert [r["alias"] for r in rows] == list(ALIASES)
+    assert {"installed", "cached", "upstream", "size_bytes", "install"} <= set(rows[0])
+    summary = {"pairs": 1, "train": 1, "eval": 0, "files": 1, "test_files_skipped": 0, "duplicates": 0,
+               "out": "x.jsonl"}
+    monkeypatch.setattr("codeprune.api.instructions", _Captured(([], summary)))
+    code, stdout, _ = run_cli(["instructions", "--from", "python:src", "--out", "x.jsonl", "--json"], capsys)
+    assert code == 0 and json.loads(stdout) == summary
+
+
+def test_the_command_line_is_recorded_for_the_reports(capsys):
+    provenance = pytest.importorskip("codeprune.reporting.provenance").provenance
+    assert main(["models", "--json"]) == 0
+    assert provenance()["command"] == "codeprune models --json"

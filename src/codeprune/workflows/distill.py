@@ -44,6 +44,7 @@ import torch
 from codeprune.calibration.devices import place_model, resolve_device
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.models.loading import LoadedModel
+from codeprune.options import opt
 from codeprune.workflows.common import load
 
 CRITERIA = ("auto", "tests", "match")
@@ -69,14 +70,15 @@ class DistillRow:
 
 @dataclass
 class DistillConfig:
-    criterion: str = "auto"
-    match_threshold: float = 0.6
-    max_new_tokens: int = 256
-    batch_size: int = 8
-    limit: int | None = None  # only the first N examples
-    timeout: float = 10.0  # seconds per test program
-    memory_mb: int = 1024
-    workers: int | None = None
+    criterion: str = opt("auto", "correctness: run the example's tests, or similarity to the reference "
+                         "(auto: tests where present)", choices=CRITERIA)
+    match_threshold: float = opt(0.6, "similarity (difflib ratio) from which an answer counts as correct")
+    max_new_tokens: int = opt(256, "tokens generated per answer at most")
+    batch_size: int = opt(8, "prompts per generate call")
+    limit: int | None = opt(None, "only the first N examples", type=int, metavar="N")
+    timeout: float = opt(10.0, "seconds per test program")
+    memory_mb: int = opt(1024, "memory per test program, in MB")
+    workers: int | None = opt(None, "test programs run at once (default: min(4, cores))", type=int)
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:

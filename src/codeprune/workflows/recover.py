@@ -41,6 +41,7 @@ import torch
 from codeprune.data.instructions import EVAL_FRACTION, Example, read_instructions
 from codeprune.errors import ConfigError, CorruptModelError
 from codeprune.models.adapters.base import SUBLAYERS
+from codeprune.options import opt
 
 LORA_TARGETS = SUBLAYERS  # every projection of a decoder layer (models/adapters.py)
 
@@ -55,22 +56,25 @@ IGNORE = -100
 class RecoverConfig:
     """Options of ``recover``; the Trainer knobs have the names of the CLI flags."""
 
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    targets: tuple[str, ...] = LORA_TARGETS
-    lr: float = 1e-4
-    epochs: float = 2.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 4
-    seq_len: int = 512
-    warmup_ratio: float = 0.03
-    eval_fraction: float = EVAL_FRACTION
-    eval_steps: int | None = None  # default: about 5 evaluations over the run
-    save_steps: int | None = None  # default: eval_steps
-    seed: int = 0
-    keep_mask: str = "auto"  # auto (sparse Linears), always, never
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA branch")
+    targets: tuple[str, ...] = opt(LORA_TARGETS, "projections given LoRA adapters, comma-separated",
+                                   metavar="PROJ,PROJ,...")
+    lr: float = opt(1e-4, "peak learning rate")
+    epochs: float = opt(2.0, "passes over the training examples")
+    max_steps: int = opt(-1, "optimizer steps; overrides --epochs when > 0")
+    batch_size: int = opt(4, "examples per device per step")
+    grad_accum: int = opt(4, "gradient accumulation steps")
+    seq_len: int = opt(512, "tokens per example (longer ones are cut)")
+    warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up")
+    eval_fraction: float = opt(EVAL_FRACTION, "held-out share of the examples (a 'split' field in the data "
+                               "wins)")
+    eval_steps: int | None = opt(None, "steps between evaluations (default: about 5 per run)", type=int)
+    save_steps: int | None = opt(None, "steps between checkpoints (default: --eval-steps)", type=int)
+    seed: int = opt(0, "seed of the Trainer: data order and LoRA initialisation")
+    keep_mask: str = opt("auto", "restore the zeros of sparse Linears after the merge (auto: those with "
+                         ">= 1% zeros)", choices=("auto", "always", "never"))
 
     def __post_init__(self) -> None:
         checks = [

@@ -46,8 +46,8 @@ class PruneConfig:
     """Options shared by the unstructured / N:M methods."""
 
     sparsity: float = opt(0.5, "fraction of the weights of each pruned Linear set to zero")
-    pattern: str = opt("unstructured", "unstructured, or N:M such as 2:4 (N zeros in every M weights; the "
-                       "sparsity is then N/M)", metavar="unstructured|N:M")
+    pattern: str = opt("unstructured", "unstructured, or N:M such as 2:4: N zeros in every M weights, the "
+                       "sparsity then being N/M", metavar="unstructured|N:M")
 
     def __post_init__(self) -> None:
         nm = parse_pattern(self.pattern)

@@ -25,7 +25,7 @@ from codeprune.options import opt
 
 @dataclass
 class SparseGPTConfig(PruneConfig):
-    block_size: int = opt(128, "columns solved together (the reference value)")
+    block_size: int = opt(128, "columns solved together, as in the reference code")
     damp: float = opt(0.01, "fraction of mean(diag H) added to the Hessian's diagonal")
 
     def __post_init__(self) -> None:
