@@ -21,7 +21,7 @@ from codeprune.models.loading import LoadedModel
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
-ARCHS = ["llama", "qwen2", "mistral", "qwen3"]
+ARCHS = ["llama", "qwen2", "mistral", "qwen3"]  # one tiny model per adapter (test_adapters checks the set)
 
 
 def _tokenizer():

@@ -5,7 +5,17 @@ import torch
 
 from codeprune.calibration.engine import calibrate_layers, capture_layer_inputs
 from codeprune.calibration.stats import ChannelStats
-from codeprune.models.adapters.base import SUBLAYERS
+
+from .conftest import make_tiny
+
+# Families that mix sliding-window and full-attention layers: each layer gets its own mask.
+MIXED = {
+    "qwen2-sliding-first": ("qwen2", dict(use_sliding_window=True, sliding_window=4,
+                                          layer_types=["sliding_attention", "full_attention"])),
+    "qwen3-full-first": ("qwen3", dict(use_sliding_window=True, sliding_window=4, num_hidden_layers=3,
+                                       layer_types=["full_attention", "sliding_attention",
+                                                    "full_attention"])),
+}
 
 
 def _full_forward_inputs(lm, ids):
@@ -23,13 +33,12 @@ def _full_forward_inputs(lm, ids):
     return {k: torch.cat(v) for k, v in seen.items()}
 
 
-def test_engine_statistics_equal_full_forward(tiny_any, random_ids):
-    lm = tiny_any
+def _assert_engine_statistics_equal_full_forward(lm, random_ids):
     expected = _full_forward_inputs(lm, random_ids)
     got = {}
 
     def on_layer(i, layer, linears, stats):
-        assert list(linears) == list(SUBLAYERS)
+        assert list(linears) == list(lm.adapter.sublayer_names)
         got.update({(i, n): s for n, s in stats.items()})
 
     calibrate_layers(lm, random_ids, make_stats=lambda n, lin: ChannelStats(moments=True),
@@ -41,6 +50,37 @@ def test_engine_statistics_equal_full_forward(tiny_any, random_ids):
         torch.testing.assert_close(s.sumsq, (X**2).sum(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(s.mean, X.mean(0), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(s.var, X.var(0, unbiased=False), rtol=1e-3, atol=1e-5)
+
+
+def test_engine_statistics_equal_full_forward(tiny_any, random_ids):
+    _assert_engine_statistics_equal_full_forward(tiny_any, random_ids)
+
+
+@pytest.mark.parametrize("case", sorted(MIXED))
+def test_each_layer_gets_its_own_mask(case, tiny_tokenizer, random_ids):
+    """With sliding-window and full layers mixed, every layer runs with the keyword arguments
+    the model gives it (layer 0's mask would be wrong for the others)."""
+    model_type, overrides = MIXED[case]
+    lm = make_tiny(model_type, tokenizer=tiny_tokenizer, **overrides)
+    inputs = capture_layer_inputs(lm, random_ids[:2], device=torch.device("cpu"), batch_size=2)
+    masks = [kw["attention_mask"] for kw in inputs[0].layer_kwargs]
+    types = lm.config.layer_types
+    for i, j in [(i, j) for i in range(len(types)) for j in range(len(types))]:
+        same = masks[i] is masks[j] or (masks[i] is not None and masks[j] is not None
+                                         and torch.equal(masks[i], masks[j]))
+        assert same == (types[i] == types[j]), (types, i, j)
+    _assert_engine_statistics_equal_full_forward(lm, random_ids)
+    assert list(lm.adapter.layers()) == [m for m in lm.model.model.layers]  # the layers are back
+
+
+def test_offloaded_forward_of_mixed_layers_equals_the_model(tiny_tokenizer, random_ids):
+    from codeprune.calibration.engine import forward_layers
+
+    lm = make_tiny("qwen2", tokenizer=tiny_tokenizer, **MIXED["qwen2-sliding-first"][1])
+    with torch.no_grad():
+        expected = lm.model(input_ids=random_ids).logits
+    outs = forward_layers(lm, random_ids, offload=True, batch_size=4)
+    torch.testing.assert_close(lm.adapter.logits(torch.cat(outs)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_input_groups_share_statistics(tiny_llama, random_ids):
@@ -86,8 +126,6 @@ def test_capture_respects_seq_len(tiny_llama):
 def test_offload_gives_the_same_result(tiny_llama, random_ids, tiny_tokenizer):
     from codeprune.methods import make_pruner
     from codeprune.methods.unstructured.base import prune_model_
-
-    from .conftest import make_tiny
 
     other = make_tiny("llama", tokenizer=tiny_tokenizer)  # same seed: same weights
     prune_model_(tiny_llama, make_pruner("wanda"), random_ids, offload=False)

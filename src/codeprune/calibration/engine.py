@@ -1,6 +1,7 @@
 """The sequential engine: calibrate a model one decoder layer at a time.
 
-    capture the inputs of layer 0 (one forward of the embeddings per batch)
+    capture the inputs of layer 0 and every layer's keyword arguments
+              (one forward of the decoder per batch with its layers stubbed out)
     for each layer:
         [device]  move the layer to the compute device (with --offload)
         pass 1    run it on every batch with pre-hooks that feed input statistics
@@ -14,6 +15,18 @@ So layer k+1 is calibrated on the outputs of the already-pruned layer k, as in
 Wanda and SparseGPT. Whole-model methods (LLM-Pruner) use ``gradient_pass``
 instead: one forward/backward per sample over the whole model on the device,
 folding each prunable weight's gradient into float32 sums.
+
+Keyword arguments are per layer: families that mix sliding-window and full
+attention (``config.layer_types``) give each layer its own attention mask, so
+reusing layer 0's would calibrate the other layers on the wrong mask. To get
+exactly what the model passes, without running any layer, the capture forward
+swaps every decoder layer for a ``_Catcher`` stub that records its (hidden,
+kwargs) and returns the hidden states unchanged: the decoder's own code builds the
+masks and position embeddings for each layer, and the cost is the embeddings, the
+mask builder and the final norm per batch. The kwargs are references to tensors
+the decoder shares across layers (one mask per layer type, one rotary pair), so
+keeping them per layer costs no extra memory. Hidden states are kept for layer 0
+only; later layers get theirs from the previous layer's outputs.
 
 Only the engine moves tensors between devices; methods see
 modules and accumulators that already live where the compute happens.
@@ -32,7 +45,6 @@ from tqdm.auto import tqdm
 
 from codeprune.calibration.devices import resolve_device
 from codeprune.errors import ConfigError
-from codeprune.models.adapters.base import INPUT_GROUPS
 from codeprune.models.loading import LoadedModel
 
 
@@ -42,10 +54,10 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInput:
-    """The arguments one batch passes to a decoder layer."""
+    """The arguments one batch passes to the decoder layers."""
 
-    hidden: torch.Tensor  # (B, L, D)
-    kwargs: dict  # attention mask, position ids/embeddings, ... exactly as the model passes them
+    hidden: torch.Tensor  # (B, L, D): the inputs of the layer about to run
+    layer_kwargs: list[dict]  # per layer: attention mask, position ids/embeddings, ... as the model passes
 
 
 StatsFactory = Callable[[str, nn.Linear], object]  # (group's first sublayer name, Linear) -> accumulator
@@ -58,47 +70,78 @@ def _layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+class _Catcher(nn.Module):
+    """Stands in for decoder layer ``index`` during the capture forward: records what the
+    decoder passes it, returns the hidden states unchanged, and reads any other attribute
+    (e.g. ``attention_type``) from the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, record: Callable[[int, torch.Tensor, dict], None]):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its weights stay where they are
+        self.index, self.record = index, record
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:  # the engine replays the layer as layer(hidden, **kwargs)
+            raise TypeError("a decoder layer must get everything but its hidden states by keyword")
+        self.record(self.index, hidden, kwargs)
+        return hidden
+
+
 @torch.no_grad()
 def capture_layer_inputs(lm: LoadedModel, input_ids: torch.Tensor, *, device: torch.device,
                          batch_size: int) -> list[LayerInput]:
-    """Run the embeddings on every batch and stop at layer 0, keeping what it receives."""
-    first = lm.adapter.layers()[0]
+    """Per batch: layer 0's input hidden states and every layer's keyword arguments, from one
+    decoder forward with the layers replaced by stubs (see the module docstring)."""
+    adapter = lm.adapter
+    originals = adapter.layers()
     captured: list[LayerInput] = []
+    hidden: list[torch.Tensor] = []  # this batch's layer-0 input
+    kwargs: list[dict] = []  # this batch's keyword arguments, one dict per layer
 
-    def catch(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(LayerInput(hidden, dict(kwargs)))
-        raise _StopForward
+    def record(index: int, h: torch.Tensor, kw: dict) -> None:
+        if index == 0:
+            hidden.append(h)
+        kwargs.append(dict(kw))
 
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    adapter.set_layers(nn.ModuleList([_Catcher(layer, i, record) for i, layer in enumerate(originals)]))
     try:
         for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start:start + batch_size].to(device)
-            try:
-                lm.adapter.decoder(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
+            hidden.clear()
+            kwargs.clear()
+            adapter.decoder(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+            if len(kwargs) != len(originals):
+                raise RuntimeError(f"the decoder ran {len(kwargs)} of its {len(originals)} layers")
+            captured.append(LayerInput(hidden[0], list(kwargs)))
     finally:
-        handle.remove()
+        adapter.set_layers(originals)
     return captured
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[LayerInput], device: torch.device,
+def run_layer(index: int, layer: nn.Module, inputs: list[LayerInput], device: torch.device,
               store: torch.device) -> None:
-    """Replace each batch's hidden states by the layer's output (kept on ``store``)."""
+    """Replace each batch's hidden states by the output of layer ``index`` (kept on ``store``)."""
     for inp in inputs:
-        out = _layer_output(layer(inp.hidden.to(device), **inp.kwargs))
+        out = _layer_output(layer(inp.hidden.to(device), **inp.layer_kwargs[index]))
         inp.hidden = out.to(store)
 
 
 @torch.no_grad()
-def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[LayerInput],
-                  make_stats: StatsFactory, device: torch.device) -> dict[str, object]:
-    """Pass 1 over one layer: input statistics for each Linear (shared within an input group)."""
+def collect_stats(index: int, layer: nn.Module, linears: dict[str, nn.Linear], groups,
+                  inputs: list[LayerInput], make_stats: StatsFactory,
+                  device: torch.device) -> dict[str, object]:
+    """Pass 1 over layer ``index``: input statistics for each Linear (shared within an input
+    group; ``groups`` in execution order, the adapter's ``input_groups``)."""
     stats: dict[str, object] = {}
     hooked: list[str] = []
-    for group in INPUT_GROUPS:
+    for group in groups:
         acc = make_stats(group[0], linears[group[0]])
         if acc is None:
             continue
@@ -120,7 +163,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[
     try:
         for inp in inputs:
             try:
-                layer(inp.hidden.to(device), **inp.kwargs)
+                layer(inp.hidden.to(device), **inp.layer_kwargs[index])
             except _StopForward:
                 pass
     finally:
@@ -164,11 +207,11 @@ def calibrate_layers(lm: LoadedModel, input_ids: torch.Tensor, *, make_stats: St
             if layerwise:
                 layer.to(dev)
             linears = adapter.linears(layer)
-            stats = collect_stats(layer, linears, inputs, make_stats, dev)
+            stats = collect_stats(i, layer, linears, adapter.input_groups, inputs, make_stats, dev)
             on_layer(i, layer, linears, stats)
             del stats  # free the accumulators before the next layer allocates its own
             if keep_outputs or i + 1 < adapter.num_layers:  # else nothing reads the last outputs
-                run_layer(layer, inputs, dev, store)
+                run_layer(i, layer, inputs, dev, store)
             if layerwise:
                 layer.to("cpu")
         return inputs if keep_outputs else None

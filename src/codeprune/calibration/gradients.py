@@ -1,4 +1,12 @@
-"""gradients."""
+"""The whole-model gradient pass: per-sample gradients of the prunable Linears, folded
+into float32 sums as they arrive (LLM-Pruner's first- and second-order Taylor scores),
+optionally with the input statistics of each layer's output Linears.
+
+    grads = gradient_pass(lm, calib.input_ids, layers=[2, 3], device="cuda", second_order=True)
+    grads.grad["2.q_proj.weight"]   # mean gradient over the samples
+
+methods/structured/prune.py runs it for the methods that ask for a gradient pass (Taylor).
+"""
 
 from __future__ import annotations
 
@@ -110,9 +118,10 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
             handles.append(p.register_post_accumulate_grad_hook(fold(key)))
         if input_stats:
             a = lm.adapter
+            outputs = (*a.roles["attention_output"], *a.roles["mlp_output"])  # o_proj, down_proj
             for i in layers:
                 lin = a.linears(a.layers()[i])
-                for name in ("o_proj", "down_proj"):
+                for name in outputs:
                     handles.append(lin[name].register_forward_pre_hook(collect(f"{i}.{name}")))
         if checkpointing:
             _checkpointing(model, True)

@@ -4,7 +4,8 @@ Protocol: non-overlapping windows of L tokens (stride L) from a source's
 held-out split; each window is scored on its own (no context carried between
 windows), predicting tokens 2..L; perplexity = exp(total NLL / total predicted
 tokens). Logits are computed in chunks of tokens so a 150k vocabulary never
-materialises (B, L, V) at once.
+materialises (B, L, V) at once, through the adapter (``adapter.logits``: final
+norm, lm_head and the family's logit soft-capping, as the model's own forward).
 
     codeprune eval --model runs/wanda50 --ppl python-stdlib --seq-len 512
 """
@@ -21,7 +22,7 @@ from codeprune.calibration.engine import forward_layers
 from codeprune.data.calibration import TokenWindows
 from codeprune.models.loading import LoadedModel
 
-_LOGIT_CHUNK = 512  # tokens per lm_head call: (512, vocab) float32 logits stay small
+_LOGIT_CHUNK = 512  # tokens per logits call: (512, vocab) float32 logits stay small
 
 
 @torch.no_grad()
@@ -32,31 +33,32 @@ def perplexity(lm: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
     Runs where the model's parameters are; with ``offload_device`` the model
     stays on the CPU and the decoder layers run one at a time on that device
     (the sequential engine), the final norm and lm_head on the CPU."""
-    lm_head = lm.adapter.lm_head()
+    adapter = lm.adapter
     ids_all = windows.input_ids
     if offload_device is not None:
         layer_out = iter(forward_layers(lm, ids_all, device=offload_device, offload=True,
                                         batch_size=batch_size))
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, ids_all.shape[0], batch_size), desc=desc, leave=False):
-        ids = ids_all[start:start + batch_size].to(lm_head.weight.device)  # (B, L)
-        if offload_device is None:
-            hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, D)
+        ids = ids_all[start:start + batch_size].to(adapter.lm_head().weight.device)  # (B, L)
+        if offload_device is None:  # the decoder's output has the final norm applied
+            hidden, normed = adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state, True
         else:
-            hidden = lm.adapter.final_norm()(next(layer_out).to(ids.device))
+            hidden, normed = next(layer_out).to(ids.device), False  # (B, L, D)
         target = ids[:, 1:].reshape(-1)
-        total_nll += _nll_sum(lm_head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), target)
+        total_nll += _nll_sum(adapter, hidden[:, :-1].reshape(-1, hidden.shape[-1]), target, normed=normed)
         total_tokens += target.numel()
     nll = total_nll / total_tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens,
             "windows": ids_all.shape[0], "seq_len": windows.seq_len}
 
 
-def _nll_sum(lm_head, hidden: torch.Tensor, target: torch.Tensor) -> float:
-    """Summed next-token NLL of ``target`` (T,) from ``hidden`` (T, D), logits in chunks."""
+def _nll_sum(adapter, hidden: torch.Tensor, target: torch.Tensor, *, normed: bool) -> float:
+    """Summed next-token NLL of ``target`` (T,) from ``hidden`` (T, D), logits in chunks
+    (``normed``: ``hidden`` already went through the final norm)."""
     total = 0.0
     for c in range(0, hidden.shape[0], _LOGIT_CHUNK):
-        logits = lm_head(hidden[c:c + _LOGIT_CHUNK]).float()
+        logits = adapter.logits(hidden[c:c + _LOGIT_CHUNK], normed=normed).float()
         total += F.cross_entropy(logits, target[c:c + _LOGIT_CHUNK], reduction="sum").item()
     return total
 
@@ -80,12 +82,12 @@ def perplexity_remapped(lm: LoadedModel, windows: TokenWindows, remap, *, desc: 
     NLL is summed over all of its predictions and divided by the window's *original*
     prediction count (L - 1): perplexity per original token, the text's total
     probability spread over the same denominator as the dense model's."""
-    lm_head = lm.adapter.lm_head()
+    adapter = lm.adapter
     total_nll, model_tokens = 0.0, 0
     for row in tqdm(windows.input_ids, desc=desc, leave=False):
-        ids = torch.tensor(remap(row), dtype=torch.long, device=lm_head.weight.device)[None]
-        hidden = lm.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
-        total_nll += _nll_sum(lm_head, hidden, ids[0, 1:])
+        ids = torch.tensor(remap(row), dtype=torch.long, device=adapter.lm_head().weight.device)[None]
+        hidden = adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+        total_nll += _nll_sum(adapter, hidden, ids[0, 1:], normed=True)
         model_tokens += ids.shape[1] - 1
     tokens = windows.samples * (windows.seq_len - 1)
     nll = total_nll / tokens

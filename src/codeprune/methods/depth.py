@@ -1,6 +1,6 @@
 """Layer removal: which decoder layers to drop, and the surgery that drops them.
 
-The layer stage of Flab-Pruner (ALGORITHMS.md §2) and ShortGPT's baseline. Greedy,
+The layer stage of Flab-Pruner (Yang et al., 2024) and ShortGPT's (Men et al., 2024). Greedy,
 one layer at a time, re-scoring the remaining layers after every removal:
 
     kl       KL(P_orig || P_pruned) of the next-token distributions on calibration
@@ -15,11 +15,11 @@ by it), and updates ``num_hidden_layers``, ``layer_types`` and, for per-layer
 checkpoints, ``per_layer_config``: the result is a plain checkpoint of the same
 family (``from_pretrained``, ``generate`` with a cache, vLLM).
 
-    from codeprune.layers import choose_layers, remove_layers_
+    from codeprune.methods.depth import choose_layers, remove_layers_
     drop = choose_layers(lm, calib.input_ids, n=4, metric="kl")
     remove_layers_(lm, drop)
 
-The ``layers`` stage of a recipe (recipe.py, docs/recipes.md) calls these:
+The ``layers`` stage of a recipe (recipes/runner.py, docs/recipes.md) calls these:
 ``codeprune prune --recipe flab`` or ``--recipe shortgpt``.
 """
 
@@ -121,7 +121,7 @@ def _removal_kl(lm, keep: list[int], originals: nn.ModuleList, reference: list[t
             for t in range(j + 1, len(layers)):
                 out = layers[t](h, **kwargs[t])
                 h = out[0] if isinstance(out, tuple) else out
-            logits = a.lm_head()(a.final_norm()(h)).float()
+            logits = a.logits(h).float()
             # sum P (log P - log Q), with log Q = logits - logsumexp(logits) and sum P = 1
             cross = (p * logits).sum(-1) - torch.logsumexp(logits, dim=-1)
             totals[cand] += negentropy - float(cross.sum())

@@ -1,4 +1,4 @@
-"""Pruning masks: compact storage and Jaccard distance (Puccioni et al., ALGORITHMS.md §1).
+"""Pruning masks: compact storage and Jaccard distance (as in Puccioni et al.).
 
 A mask is True where a weight is pruned (zero). Masks are keyed by
 ``"{layer}.{sublayer}"`` (e.g. ``"3.q_proj"``), so runs of different folders and
@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from codeprune.errors import CorruptModelError
-from codeprune.models.adapters.base import SUBLAYERS
+from codeprune.models.adapters.base import DecoderAdapter
 
 FORMAT = "codeprune-masks-v1"
 
@@ -130,7 +130,8 @@ def jaccard(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
             acc[0] += i
             acc[1] += u
         per_sublayer.setdefault(layer, {})[sub] = _distance(i, u)
-    order = [s for s in SUBLAYERS if s in by_type] + sorted(set(by_type) - set(SUBLAYERS))
+    known = DecoderAdapter.sublayer_names  # the Llama layout's order; other names follow, sorted
+    order = [s for s in known if s in by_type] + sorted(set(by_type) - set(known))
     return {
         "model": _distance(*total),
         "per_type": {s: _distance(*by_type[s]) for s in order},

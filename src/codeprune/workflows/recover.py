@@ -40,10 +40,10 @@ import torch
 
 from codeprune.data.instructions import EVAL_FRACTION, Example, read_instructions
 from codeprune.errors import ConfigError, CorruptModelError
-from codeprune.models.adapters.base import SUBLAYERS
+from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.options import opt
 
-LORA_TARGETS = SUBLAYERS  # every projection of a decoder layer (models/adapters.py)
+LORA_TARGETS = DecoderAdapter.sublayer_names  # canonical names; the adapter maps them to module names
 
 
 MASK_MIN_SPARSITY = 0.01  # a Linear with at least this share of exact zeros keeps them after the merge
@@ -289,7 +289,8 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
         (work / "recover_options.json").write_text(json.dumps(options, indent=2) + "\n")
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.targets), task_type="CAUSAL_LM", bias="none")
+                      target_modules=lm.adapter.lora_target_modules(cfg.targets), task_type="CAUSAL_LM",
+                      bias="none")
     peft_model = get_peft_model(lm.model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     args = TrainingArguments(

@@ -4,7 +4,8 @@
     >>> for i, layer in enumerate(adapter.layers()):
     ...     linears = adapter.linears(layer)   # {"q_proj": Linear, ..., "down_proj": Linear}
 
-``ADAPTERS`` is the registry; docs/adding-an-architecture.md says how to add a family.
+``ADAPTERS`` is the registry (model_type -> adapter class, built from the classes
+listed below); docs/adding-an-architecture.md says how to add a family.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from codeprune.errors import UnsupportedArchitectureError
-from codeprune.models.adapters.base import INPUT_GROUPS, SUBLAYERS, DecoderAdapter
+from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.models.adapters.llama import LlamaAdapter
 from codeprune.models.adapters.mistral import MistralAdapter
 from codeprune.models.adapters.qwen2 import Qwen2Adapter
@@ -42,5 +43,4 @@ def get_adapter(model: nn.Module) -> DecoderAdapter:
     return check_supported(model.config)(model)
 
 
-__all__ = ["ADAPTERS", "INPUT_GROUPS", "SUBLAYERS", "DecoderAdapter", "check_supported", "get_adapter",
-           "supported_model_types"]
+__all__ = ["ADAPTERS", "DecoderAdapter", "check_supported", "get_adapter", "supported_model_types"]

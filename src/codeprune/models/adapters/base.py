@@ -1,36 +1,83 @@
 """Architecture adapters: the only place in codeprune that knows module names.
 
 An adapter wraps a Hugging Face causal LM and *returns modules and sizes*; it
-never runs a forward of its own (transformers' ``DecoderLayer.forward`` is used
-as it is, so adapters do not drift with transformers releases).
+never runs a decoder layer of its own (transformers' ``DecoderLayer.forward`` is
+used as it is, so adapters do not drift with transformers releases). What the
+rest of codeprune needs to know about a family is declared here as data:
+
+    roles               which canonical Linears read the same input, in execution order
+    module_paths        canonical name -> the module's path inside a decoder layer
+    transformers_family (module, class prefix) of the family in transformers, for the
+                        class that loads per-layer checkpoints (models/pruned_modeling.py)
+    bias_flags          config flags that give Linears a bias in the plain architecture
+
+and three computations run through it: ``logits(hidden)`` (final norm, lm_head,
+logit soft-capping), ``linears(layer)`` and ``lora_target_modules(names)``.
 
     >>> adapter = get_adapter(model)
     >>> for i, layer in enumerate(adapter.layers()):
     ...     linears = adapter.linears(layer)   # {"q_proj": Linear, ..., "down_proj": Linear}
 
-Adding a family whose layout matches Llama is one line in ``ADAPTERS``; see
-docs/adding-an-architecture.md.
+docs/adding-an-architecture.md says how to add a family.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-# Canonical sublayer names, in the order a decoder layer executes them. The
-# engine relies on this order: the last entry is the last Linear a layer runs.
-SUBLAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from codeprune.errors import ConfigError
 
-
-# Sublayers that read the same input tensor (one set of input statistics serves the group).
-INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# The Llama layout: role -> canonical sublayer names. Each role's Linears read the
+# same input tensor (one set of input statistics serves the group); roles are listed
+# in the order a decoder layer runs them, and the engine relies on that order.
+LLAMA_ROLES: dict[str, tuple[str, ...]] = {
+    "attention_inputs": ("q_proj", "k_proj", "v_proj"),
+    "attention_output": ("o_proj",),
+    "mlp_inputs": ("gate_proj", "up_proj"),
+    "mlp_output": ("down_proj",),
+}
+LLAMA_PATHS: dict[str, str] = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
+}
 
 
 class DecoderAdapter:
     """Adapter for the Llama layout: ``model.model.{embed_tokens,layers,norm,rotary_emb}``,
     each layer with ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj`` and
-    ``input_layernorm`` / ``post_attention_layernorm``; ``model.lm_head``."""
+    ``input_layernorm`` / ``post_attention_layernorm``; ``model.lm_head``.
+
+    Subclasses declare ``model_types`` and ``transformers_family``, and override
+    ``roles`` / ``module_paths`` when their Linears are named or grouped differently.
+    ``sublayer_names`` and ``input_groups`` are derived from ``roles``."""
 
     model_types: tuple[str, ...] = ()
+    transformers_family: tuple[str, str] | None = None  # e.g. ("llama", "Llama")
+    roles: dict[str, tuple[str, ...]] = LLAMA_ROLES
+    module_paths: dict[str, str] = LLAMA_PATHS
+    # Config flags that give sublayers a bias in the vanilla architecture:
+    # {flag: sublayers it switches on}. Structured pruning's bias compensation uses
+    # them so a compensated model still loads as the plain architecture; a bias the
+    # family has no flag for needs the modeling file written beside the weights.
+    bias_flags: dict[str, tuple[str, ...]] = {}
+
+    # derived from roles (set by _derive)
+    sublayer_names: tuple[str, ...] = ()
+    input_groups: tuple[tuple[str, ...], ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._derive()
+
+    @classmethod
+    def _derive(cls) -> None:
+        cls.input_groups = tuple(tuple(names) for names in cls.roles.values())
+        cls.sublayer_names = tuple(n for names in cls.input_groups for n in names)
+        missing = set(cls.sublayer_names) - set(cls.module_paths)
+        if missing:
+            raise TypeError(f"{cls.__name__}.module_paths lacks {sorted(missing)}")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -72,24 +119,44 @@ class DecoderAdapter:
     def post_attention_norm(self, layer: nn.Module) -> nn.Module:
         return layer.post_attention_layernorm
 
-    def attention_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        a = layer.self_attn
-        return [a.q_proj, a.k_proj, a.v_proj]
-
-    def attention_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
-
-    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        return [layer.mlp.gate_proj, layer.mlp.up_proj]
-
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        """The module whose forward holds ``num_key_value_groups`` (updated by surgery)."""
+        return layer.self_attn
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         """The prunable Linears of one layer, keyed by canonical name, in execution order."""
-        mods = [*self.attention_inputs(layer), self.attention_output(layer),
-                *self.mlp_inputs(layer), self.mlp_output(layer)]
-        return dict(zip(SUBLAYERS, mods, strict=True))
+        return {name: layer.get_submodule(self.module_paths[name]) for name in self.sublayer_names}
+
+    def role_linears(self, layer: nn.Module, role: str) -> list[nn.Linear]:
+        """The Linears of one role ("attention_inputs", "attention_output", "mlp_inputs",
+        "mlp_output") of one layer, in execution order."""
+        return [layer.get_submodule(self.module_paths[name]) for name in self.roles[role]]
+
+    # -- computations --------------------------------------------------------
+    def logits(self, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
+        """Next-token logits from the last decoder layer's output ``hidden`` (..., D), as
+        the model's own forward computes them: final norm (skipped when ``normed``:
+        the decoder's ``last_hidden_state`` has it), lm_head, then the family's logit
+        soft-capping ``cap * tanh(logits / cap)`` when the config sets
+        ``final_logit_softcapping`` (Gemma 2/3). Per token, so slices of tokens may be
+        passed one at a time."""
+        if not normed:
+            hidden = self.final_norm()(hidden)
+        logits = self.lm_head()(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def lora_target_modules(self, names) -> list[str]:
+        """The module-name suffixes peft's ``target_modules`` needs for the canonical
+        sublayers ``names`` (e.g. "q_proj" -> "self_attn.q_proj"); canonical names that
+        share one fused module give it once."""
+        unknown = [n for n in names if n not in self.module_paths]
+        if unknown:
+            raise ConfigError(f"LoRA targets {unknown} are not sublayers of {type(self).__name__}: "
+                              f"choose among {', '.join(self.sublayer_names)}")
+        return list(dict.fromkeys(self.module_paths[n] for n in names))
 
     # -- sizes ---------------------------------------------------------------
     @property
@@ -133,13 +200,5 @@ class DecoderAdapter:
                 "kv_heads": lin["k_proj"].out_features // self.head_dim,
                 "intermediate": lin["gate_proj"].out_features}
 
-    # -- bias slots ----------------------------------------------------------
-    # Config flags that give sublayers a bias in the vanilla architecture:
-    # {flag: sublayers it switches on}. Structured pruning's bias compensation uses
-    # them so a compensated model still loads as the plain architecture; a bias the
-    # family has no flag for needs the modeling file written beside the weights.
-    bias_flags: dict[str, tuple[str, ...]] = {}
 
-    def attention_module(self, layer: nn.Module) -> nn.Module:
-        """The module whose forward holds ``num_key_value_groups`` (updated by surgery)."""
-        return layer.self_attn
+DecoderAdapter._derive()

@@ -1,4 +1,4 @@
-"""mistral."""
+"""Mistral adapter: the Llama layout (sliding-window attention lives in the config)."""
 
 from __future__ import annotations
 
@@ -6,4 +6,7 @@ from codeprune.models.adapters.base import DecoderAdapter
 
 
 class MistralAdapter(DecoderAdapter):
+    """Mistral / Codestral-style models: the base layout, no bias flags."""
+
     model_types = ("mistral",)
+    transformers_family = ("mistral", "Mistral")

@@ -1,4 +1,4 @@
-"""qwen2."""
+"""Qwen2 adapter: the Llama layout with q/k/v biases always on."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from codeprune.models.adapters.base import DecoderAdapter
 
 
 class Qwen2Adapter(DecoderAdapter):
-    """Qwen2 / Qwen2.5(-Coder), CodeQwen1.5 (q/k/v carry biases; same layout)."""
+    """Qwen2 / Qwen2.5(-Coder), CodeQwen1.5: the base layout; q/k/v always carry biases,
+    so there is no flag to switch others on."""
 
     model_types = ("qwen2",)
+    transformers_family = ("qwen2", "Qwen2")
