@@ -79,7 +79,8 @@ class TaylorConfig(StructuredConfig):
     scope: tuple[float, float] | str = (0.1, 0.9)
     checkpointing: bool = opt(True, "activation checkpointing in the gradient pass (off: faster, more "
                               "memory)")
-    seed: int = opt(0, "seed of the random importance baseline (the run's --seed)", cli=False)
+    seed: int = opt(0, "seed of the random importance baseline (a recipe stage key: prune's --seed is the "
+                    "calibration windows')", cli=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
