@@ -12,6 +12,8 @@ from codeprune.data.sources import python_stdlib_dir
 from codeprune.errors import ConfigError, CorruptModelError, OutputExistsError
 from codeprune.reporting.analysis import compare_runs, report_runs
 from codeprune.reporting.masks import jaccard, jaccard_distance, load_masks, save_masks
+from codeprune.reporting.schema import PruneReport
+from codeprune.reporting.writer import write_report
 from codeprune.workflows.sweep import parse_languages
 
 from .conftest import make_tiny
@@ -75,15 +77,22 @@ def two_langs(tmp_path: Path) -> tuple[str, str]:
     return f"python=python:{py}", f"cpp=cpp:{cpp}"
 
 
+def _prune_report(**fields) -> PruneReport:
+    return PruneReport(**{"model": "m", "method": "wanda", "pruning": "unstructured", "params_total": 10,
+                          "params_nonzero": 5, **fields})
+
+
 def test_run_labels_and_default_out(tmp_path):
     from codeprune.reporting.analysis import default_out, read_runs
 
     for parent in ("a", "b"):
         (tmp_path / parent / "wanda50").mkdir(parents=True)
-        (tmp_path / parent / "wanda50" / "report.json").write_text(json.dumps({"method": "wanda"}))
+        write_report(tmp_path / parent / "wanda50", _prune_report())
+    before = (tmp_path / "a" / "wanda50" / "report.json").read_text()
     runs, _ = read_runs([tmp_path / "a" / "wanda50", tmp_path / "b" / "wanda50"])
     assert [r.label for r in runs] == ["a/wanda50", "b/wanda50"]
-    assert runs[0].report == {"method": "wanda"}  # reports are never rewritten
+    assert runs[0].report.method == "wanda"
+    assert (tmp_path / "a" / "wanda50" / "report.json").read_text() == before  # reports are never rewritten
     assert default_out([tmp_path / "a" / "wanda50"], "report") == tmp_path / "a" / "report"
     with pytest.raises(ConfigError, match="--out"):
         default_out(["/usr", "/etc"], "report")
@@ -110,7 +119,9 @@ def test_sweep_compare_report_on_a_tiny_model(tiny_tokenizer, two_langs, tmp_pat
     res = codeprune.sweep(lm, "wanda", sparsity=0.5, calib_langs=",".join(two_langs), samples=4,
                           seq_len=32, eval_windows=4, out=tmp_path / "langs")
     out = Path(res["out"])
-    assert sorted(p.name for p in out.iterdir()) == ["compare", "cpp", "python", "sweep.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["compare", "cpp", "python", "sweep.json", "sweep.md"]
+    assert json.loads((out / "sweep.json").read_text()) == {k: v for k, v in res.items()
+                                                            if k not in ("out", "compare")}
     assert set(res["ppl_matrix"]) == {"python", "cpp"}
     assert all(set(row) == {"python", "cpp"} for row in res["ppl_matrix"].values())
     # the model is handed back dense
@@ -118,6 +129,7 @@ def test_sweep_compare_report_on_a_tiny_model(tiny_tokenizer, two_langs, tmp_pat
     for lang in ("python", "cpp"):
         r = json.loads((out / lang / "report.json").read_text())
         assert r["calibration_language"] == lang and r["sparsity_actual"] == pytest.approx(0.5, abs=0.01)
+        assert r["schema"] == "codeprune-report/2" and r["kind"] == "prune" and r["pruning"] == "unstructured"
         assert r["perplexity"]["python"]["ppl"] == res["ppl_matrix"][lang]["python"]
         assert r["efficiency"]["speed"]["batch_1"]["decode_tok_s"] > 0
         masks = load_masks(out / lang / "masks.safetensors")
@@ -178,6 +190,10 @@ def test_compare_and_report_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not valid JSON" in err[0]
     (run / "report.json").write_text(json.dumps({"method": "wanda", "params_total": 10, "params_nonzero": 5}))
+    assert main(["report", str(run)]) == 2  # a report without a schema version: refused, one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no 'schema' field" in err[0]
+    write_report(run, _prune_report(params_dense=10))
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

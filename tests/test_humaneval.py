@@ -384,8 +384,9 @@ def test_cli_scores_completions(samples_file: Path, tmp_path: Path, capsys):
         ("HumanEval/0", True, "passed"), ("HumanEval/1", False, "failed"), ("HumanEval/2", True, "passed")]
     for r in he["results"]:
         assert r["status"] in {"passed", "failed", "timeout", "error"}
-    assert he["config"]["completions"] == str(samples_file)
-    assert report["model"] is None
+    assert he["config"]["completions"] == samples_file.name  # no absolute local paths in report.json
+    assert report["model"] is None and report["kind"] == "eval" and report["schema"] == "codeprune-report/2"
+    assert report["provenance"]["command"].startswith("codeprune eval --humaneval --completions")
     assert read_samples(out / "humaneval_samples.jsonl") == read_samples(samples_file)
 
 

@@ -3,10 +3,14 @@
 - ``compare_runs``: pruning-mask Jaccard distances between runs (per sublayer type,
   per layer, whole model) and the calibration-language x evaluation-language
   perplexity matrix, as compare.json / compare.md / heatmaps.
-- ``report_runs``: one table over many run folders (prune, eval or sweep members)
-  as report.json / report.md, and plots of perplexity and speed against compression.
+- ``report_runs``: one table over many run folders (prune, eval, recover or sweep
+  members) as runs.json / report.md, and plots of perplexity and speed against compression.
 
-A run is a folder with a report.json. Its masks come from masks.safetensors
+    codeprune compare runs/langs          # a sweep folder stands for its members
+    codeprune report runs/wanda50 runs/langs/python --out runs/report
+
+A run is a folder with a report.json, read through the schema (reporting/schema.py:
+a report of another schema version is refused with a clear error). Its masks come from masks.safetensors
 (written by ``sweep``) or, failing that, from the zeros of its checkpoint.
 Output folders are derived views: one that holds our own marker file
 (compare.json / runs.json) is replaced; any other existing folder needs ``overwrite``.
@@ -22,12 +26,25 @@ from pathlib import Path
 
 from codeprune.errors import ConfigError, CorruptModelError, OutputExistsError
 from codeprune.outputs import write_atomically
+from codeprune.reporting.markdown import render_compare, render_runs
+from codeprune.reporting.schema import (
+    Efficiency,
+    EvalReport,
+    PerplexityScore,
+    PruneReport,
+    RecoverReport,
+    Report,
+    SweepReport,
+)
+from codeprune.reporting.writer import read_report
+
+__all__ = ["compare_runs", "default_out", "read_runs", "render_compare", "render_runs", "report_runs"]
 
 
 @dataclass
 class Run:
     path: Path
-    report: dict
+    report: Report
     label: str = ""  # how tables and plots name it: the calibration language or the folder
 
 
@@ -36,13 +53,11 @@ def _expand(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in paths:
         p = Path(p).expanduser()
-        summary = p / "sweep.json"
-        if p.is_dir() and summary.is_file() and not (p / "report.json").is_file():
-            try:
-                members = json.loads(summary.read_text())["members"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CorruptModelError(f"{summary} is not a codeprune sweep summary: {e}") from e
-            out += [p / m for m in members]
+        if p.is_dir() and (p / "sweep.json").is_file() and not (p / "report.json").is_file():
+            summary = read_report(p / "sweep.json")
+            if not isinstance(summary, SweepReport):
+                raise CorruptModelError(f"{p / 'sweep.json'} is a {summary.kind} report, not a sweep summary")
+            out += [p / m for m in summary.members]
         else:
             out.append(p)
     return out
@@ -57,20 +72,15 @@ def read_runs(paths: list[str | Path]) -> tuple[list[Run], list[str]]:
                 raise ConfigError(f"run folder not found: {p}")
             skipped.append(f"{p}: not a folder")
             continue
-        rj = p / "report.json"
-        if not rj.is_file():
+        if not (p / "report.json").is_file():
             skipped.append(f"{p}: no report.json")
             continue
-        try:
-            report = json.loads(rj.read_text())
-        except (OSError, ValueError) as e:
-            raise CorruptModelError(f"{rj} is not valid JSON: {e}") from e
-        if not isinstance(report, dict):
-            raise CorruptModelError(f"{rj} is not a codeprune report")
-        if report.get("kind") == "sweep":
+        report = read_report(p / "report.json")
+        if isinstance(report, SweepReport):
             skipped.append(f"{p}: a sweep summary (its members are the runs)")
             continue
-        runs.append(Run(p, report, report.get("calibration_language") or p.name))
+        label = report.calibration_language if isinstance(report, PruneReport) else None
+        runs.append(Run(p, report, label or p.name))
     if not runs:
         raise ConfigError("no run folders with a report.json among the given paths")
     for depth in range(2, 9):  # one label twice: prefix parent folders until they differ
@@ -115,26 +125,30 @@ def run_masks(run: Run) -> dict | None:
     return None
 
 
-def _lang_of(key: str, entry: dict) -> str:
-    return entry.get("language") or key
+def _perplexities(report: Report) -> dict[str, PerplexityScore]:
+    """Held-out perplexity per source of a prune (sweep member) or eval report."""
+    if isinstance(report, (PruneReport, EvalReport)):
+        return report.perplexity or {}
+    return {}
 
 
 def ppl_matrix(runs: list[Run]) -> dict | None:
     """{"rows": run labels, "cols": eval languages, "matrix", "dense": {lang: ppl}} or None."""
     cols: list[str] = []
     for r in runs:
-        for k, e in (r.report.get("perplexity") or {}).items():
-            if _lang_of(k, e) not in cols:
-                cols.append(_lang_of(k, e))
+        for k, e in _perplexities(r.report).items():
+            if (e.language or k) not in cols:
+                cols.append(e.language or k)
     if not cols:
         return None
     matrix = []
     for r in runs:
-        by_lang = {_lang_of(k, e): e["ppl"] for k, e in (r.report.get("perplexity") or {}).items()}
+        by_lang = {e.language or k: e.ppl for k, e in _perplexities(r.report).items()}
         matrix.append([by_lang.get(c) for c in cols])
     dense: dict[str, float] = {}
     for r in runs:
-        dense.update(r.report.get("perplexity_dense") or {})
+        if isinstance(r.report, PruneReport):
+            dense.update(r.report.perplexity_dense or {})
     return {"rows": [r.label for r in runs], "cols": cols, "matrix": matrix,
             "dense": {c: dense[c] for c in cols if c in dense}}
 
@@ -216,85 +230,54 @@ def _compare_plots(result: dict, folder: Path) -> list[Path]:
     return figs
 
 
-def _f(v, fmt="{:.3f}") -> str:
-    return "" if v is None else fmt.format(v)
-
-
-def render_compare(result: dict) -> str:
-    lines = ["# codeprune compare", ""]
-    lines += ["Runs: " + ", ".join(f"`{r['label']}` ({r['path']})" for r in result["runs"]) + ".", ""]
-    pm = result.get("ppl")
-    if pm:
-        lines += ["## Perplexity: calibration language (rows) x evaluation language (columns)", "",
-                  "Held-out perplexity; the best sub-model for each evaluation language is in bold.", ""]
-        lines += ["| calibrated on | " + " | ".join(pm["cols"]) + " |", "|---" * (len(pm["cols"]) + 1) + "|"]
-        if pm["dense"]:
-            lines.append("| dense | " + " | ".join(_f(pm["dense"].get(c)) for c in pm["cols"]) + " |")
-        best = [min((row[j] for row in pm["matrix"] if row[j] is not None), default=None)
-                for j in range(len(pm["cols"]))]
-        for label, row in zip(pm["rows"], pm["matrix"], strict=True):
-            cells = [f"**{_f(v)}**" if v is not None and v == best[j] else _f(v) for j, v in enumerate(row)]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        own = [(j, c) for j, c in enumerate(pm["cols"]) if c in pm["rows"]]
-        if own:
-            wins = sum(pm["matrix"][pm["rows"].index(c)][j] == best[j] for j, c in own)
-            lines += ["", f"The sub-model calibrated on a language is the best on that language in "
-                      f"{wins} of {len(own)} languages."]
-        lines.append("")
-    jac = result.get("jaccard")
-    if jac:
-        labels = jac["labels"]
-        lines += ["## Mask Jaccard distance (1 - |A∩B| / |A∪B|, True = pruned)", "", "Whole model:", "",
-                  "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-        lines += [f"| {a} | " + " | ".join(f"{v:.4f}" for v in row) + " |"
-                  for a, row in zip(labels, jac["model"], strict=True)]
-        lines += ["", "Per sublayer type (pooled over layers), mean over run pairs and per pair:", "",
-                  "| pair | " + " | ".join(jac["types"]) + " | model |",
-                  "|---" * (len(jac["types"]) + 2) + "|",
-                  "| **mean** | " + " | ".join(f"{jac['per_type_mean'][t]:.4f}" for t in jac["types"])
-                  + f" | {sum(p['model'] for p in jac['pairs']) / len(jac['pairs']):.4f} |"]
-        lines += [f"| {p['a']} / {p['b']} | " + " | ".join(f"{p['per_type'][t]:.4f}" for t in jac["types"])
-                  + f" | {p['model']:.4f} |" for p in jac["pairs"]]
-        per_layer = jac["per_layer_mean"]
-        lines += ["", "Per layer (pooled over sublayers, mean over pairs): "
-                  + ", ".join(f"{i}: {d:.3f}" for i, d in enumerate(per_layer)) + ".", ""]
-    if result.get("figures"):
-        lines += ["Figures: " + ", ".join(f"[{f}]({f})" for f in result["figures"]) + ".", ""]
-    for s in result.get("skipped", []):
-        lines.append(f"- skipped {s}")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _primary_ppl(r: dict) -> tuple[float | None, str | None]:
-    if r.get("ppl_pruned") is not None:
-        return r["ppl_pruned"], (r.get("calibration") or {}).get("source")
-    for key, e in (r.get("perplexity") or {}).items():
-        return e["ppl"], key
+def _first_ppl(report: Report) -> tuple[float | None, str | None]:
+    for key, e in _perplexities(report).items():
+        return e.ppl, key
     return None, None
 
 
+def _speed(eff: Efficiency | None) -> dict:
+    return (eff.speed.get("batch_1") or {}) if eff is not None else {}
+
+
+def _prune_row(r: PruneReport) -> dict:
+    ppl, source = (r.ppl_pruned, r.calibration.source if r.calibration else None) \
+        if r.ppl_pruned is not None else _first_ppl(r)
+    return {"method": r.method, "pattern": r.pattern or r.structure,
+            "calibration": r.calibration_language or (r.calibration.source if r.calibration else None),
+            "sparsity": r.sparsity_actual, "params_total": r.params_total, "params_nonzero": r.params_nonzero,
+            "params_dense": r.params_dense or r.params_total, "ppl": ppl, "ppl_source": source,
+            "ppl_dense": r.ppl_dense, "seconds_prune": r.seconds_prune}
+
+
+def _eval_row(r: EvalReport) -> dict:
+    ppl, source = _first_ppl(r)
+    return {"sparsity": r.sparsity, "params_total": r.params_total, "params_nonzero": r.params_nonzero,
+            "params_dense": r.params_total, "ppl": ppl, "ppl_source": source,
+            "pass@1": r.humaneval.pass_at_1 if r.humaneval else None,
+            "humaneval_problems": r.humaneval.n_problems if r.humaneval else None}
+
+
+def _recover_row(r: RecoverReport) -> dict:
+    return {"method": "recover", "sparsity": r.sparsity_after, "params_total": r.params_total,
+            "params_dense": r.params_total, "ppl": r.ppl_after}
+
+
 def run_row(run: Run) -> dict:
+    """One row of the runs table; the columns a kind lacks are None."""
     r = run.report
-    eff = r.get("efficiency") or {}
-    speed = (eff.get("speed") or {}).get("batch_1") or {}
-    total = r.get("params_total") or eff.get("params_total")
-    nonzero = r.get("params_nonzero") or eff.get("params_nonzero")
-    dense = r.get("params_dense") or total
-    ppl, ppl_source = _primary_ppl(r)
-    he = r.get("humaneval") or {}
-    return {
-        "run": run.label, "path": str(run.path), "kind": r.get("kind", "prune"),
-        "model": r.get("model"), "method": r.get("method"), "pattern": r.get("pattern") or r.get("structure"),
-        "calibration": r.get("calibration_language") or (r.get("calibration") or {}).get("source"),
-        "sparsity": r.get("sparsity_actual", r.get("sparsity")),
-        "params_total": total, "params_nonzero": nonzero, "params_dense": dense,
-        "compression": (1 - nonzero / dense) if nonzero and dense else None,
-        "ppl": ppl, "ppl_source": ppl_source, "ppl_dense": r.get("ppl_dense"),
-        "pass@1": he.get("pass@1"), "humaneval_problems": he.get("n_problems"),
-        "decode_tok_s": speed.get("decode_tok_s"), "prefill_tok_s": speed.get("prefill_tok_s"),
-        "disk_mb": eff["disk_bytes"] / 2**20 if eff.get("disk_bytes") else None,
-        "seconds_prune": r.get("seconds_prune"),
-    }
+    rows = {"prune": _prune_row, "eval": _eval_row, "recover": _recover_row}
+    row = dict.fromkeys(["method", "pattern", "calibration", "sparsity", "params_total", "params_nonzero",
+                         "params_dense", "ppl", "ppl_source", "ppl_dense", "pass@1", "humaneval_problems",
+                         "seconds_prune"])
+    row.update(rows[r.kind](r))
+    eff = getattr(r, "efficiency", None)
+    speed = _speed(eff)
+    nonzero, dense = row["params_nonzero"], row["params_dense"]
+    return {"run": run.label, "path": str(run.path), "kind": r.kind, "model": r.model, **row,
+            "compression": (1 - nonzero / dense) if nonzero and dense else None,
+            "decode_tok_s": speed.get("decode_tok_s"), "prefill_tok_s": speed.get("prefill_tok_s"),
+            "disk_mb": eff.disk_bytes / 2**20 if eff is not None and eff.disk_bytes else None}
 
 
 def report_runs(paths: list[str | Path], *, out: str | Path | None = None, overwrite: bool = False,
@@ -333,20 +316,3 @@ def _report_plots(rows: list[dict], folder: Path) -> list[Path]:
                             xlabel="compression (fraction of parameters removed or zero)",
                             title="Decode speed vs compression"))
     return figs
-
-
-def render_runs(result: dict) -> str:
-    cols = [("run", "{}"), ("model", "{}"), ("method", "{}"), ("pattern", "{}"), ("calibration", "{}"),
-            ("sparsity", "{:.3f}"), ("params_nonzero", "{:,}"), ("compression", "{:.3f}"), ("ppl", "{:.3f}"),
-            ("ppl_dense", "{:.3f}"), ("pass@1", "{:.3f}"), ("decode_tok_s", "{:.1f}"), ("disk_mb", "{:.1f}")]
-    lines = ["# codeprune report", "", "| " + " | ".join(c for c, _ in cols) + " |", "|---" * len(cols) + "|"]
-    for row in result["runs"]:
-        lines.append("| " + " | ".join("" if row[c] is None else f.format(row[c]) for c, f in cols) + " |")
-    lines += ["", "ppl: held-out perplexity on the run's calibration source (prune runs) or its first "
-              "evaluation source; compression: 1 - non-zero parameters / dense parameters; decode tok/s at "
-              "batch 1.", ""]
-    if result.get("figures"):
-        lines += ["Figures: " + ", ".join(f"[{f}]({f})" for f in result["figures"]) + ".", ""]
-    for s in result.get("skipped", []):
-        lines.append(f"- skipped {s}")
-    return "\n".join(lines).rstrip() + "\n"

@@ -1,8 +1,17 @@
-"""evaluate."""
+"""Evaluate a model (``codeprune eval``): held-out perplexity, HumanEval pass@k, efficiency.
+
+    codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval
+    codeprune eval --humaneval --completions samples.jsonl     # score completions made elsewhere
+
+``evaluate`` runs named steps: check the options, read the sources (before any
+model is loaded), load, score perplexity, run HumanEval, measure efficiency,
+write report.json / report.md (reporting/schema.py ``EvalReport``) and the
+HumanEval samples, atomically.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,8 +24,26 @@ from codeprune.evaluation.humaneval import HumanEvalConfig, run_humaneval, write
 from codeprune.evaluation.perplexity import perplexity, perplexity_remapped, protocol
 from codeprune.models.counting import count_parameters, decoder_sparsity
 from codeprune.models.loading import LoadedModel
-from codeprune.outputs import check_output
+from codeprune.outputs import check_output, write_atomically
+from codeprune.reporting.provenance import display_name, sanitise_source
+from codeprune.reporting.schema import Efficiency, EvalReport, HumanEval, PerplexityScore, Source
+from codeprune.reporting.writer import write_report
 from codeprune.workflows.common import _as_loaded
+
+
+@dataclass
+class _Plan:
+    """What an evaluation will do, decided before any model is loaded."""
+
+    he: HumanEvalConfig | None
+    corpora: list  # the source specs asked for; [(Corpus, language or None)] once read
+    needs_model: bool
+    efficiency: bool
+    vllm: bool  # HumanEval generates with vLLM, which loads the model itself
+
+    @property
+    def generates(self) -> bool:
+        return self.he is not None and self.he.completions is None
 
 
 def _ppl_sources(ppl) -> list[tuple[str, str | None]]:
@@ -32,6 +59,92 @@ def _ppl_sources(ppl) -> list[tuple[str, str | None]]:
             lang = head if head in LANGUAGES and ":" in spec else None
             out.append((spec, "python" if spec == "python-stdlib" else lang))
     return list(dict.fromkeys(out))
+
+
+def _check_vllm(model) -> None:
+    """vLLM serves plain checkpoints named by folder, alias or hub id."""
+    if isinstance(model, LoadedModel):
+        raise ConfigError("--backend vllm loads the model itself: give a folder, alias or hub id")
+    folder = Path(str(model)).expanduser()
+    if (folder / "config.json").is_file():
+        from transformers import AutoConfig
+
+        from codeprune.models.checkpoint import needs_modeling_file
+
+        if needs_modeling_file(AutoConfig.from_pretrained(folder)):
+            raise ConfigError(f"{model} has per-layer sizes or extra biases (modeling_codeprune.py), "
+                              "which vLLM cannot serve: use --backend hf")
+
+
+def _plan(model, ppl, humaneval, efficiency: bool) -> _Plan:
+    """Check the options (no I/O yet): what to score, and whether a model is needed."""
+    he = HumanEvalConfig() if humaneval is True else humaneval or None
+    if ppl is None:
+        ppl = [] if he else ["python-stdlib"]
+    efficiency = efficiency and model is not None
+    needs_model = bool(ppl) or efficiency or (he is not None and he.completions is None)
+    if needs_model and model is None:
+        raise ConfigError("give --model (only --humaneval --completions FILE works without one)")
+    return _Plan(he, list(ppl), needs_model, efficiency, vllm=False)
+
+
+def _read_sources(plan: _Plan, model, seq_len: int, windows: int, text_field: str) -> None:
+    """Read every perplexity source and check the sandbox and backend: fail fast, before
+    minutes of loading."""
+    check_window_sizes(windows, seq_len)
+    specs = _ppl_sources(plan.corpora)
+    plan.corpora = [(read_source(src, text_field=text_field), lang) for src, lang in specs]
+    if plan.generates:
+        from codeprune.evaluation.sandbox import check_sandbox
+
+        check_sandbox(plan.he.limits)  # before minutes of generation
+        plan.vllm = plan.he.backend == "vllm"
+    if plan.vllm:
+        _check_vllm(model)
+        plan.efficiency = False  # measured on the HF copy, it would not describe vLLM's serving
+
+
+def _perplexities(lm: LoadedModel, corpora, *, seq_len: int, windows: int, dev, offload: bool,
+                  ppl_tokenizer: str | None) -> dict[str, PerplexityScore]:
+    """Held-out perplexity per source; with ``ppl_tokenizer``, windows cut by that tokenizer
+    and scored per its tokens."""
+    remap, window_tok, note = None, lm.tokenizer, ""
+    if ppl_tokenizer is not None:
+        from codeprune.methods.vocab import id_map, make_remap
+        from codeprune.models.loading import load_tokenizer
+
+        if offload:
+            raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
+        window_tok = load_tokenizer(ppl_tokenizer)
+        remap = make_remap(window_tok, lm.tokenizer, id_map(window_tok, lm.tokenizer))
+        note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
+    results = {}
+    for corpus, lang in corpora:
+        held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
+        if remap is not None:
+            scores = perplexity_remapped(lm, held, remap, desc=f"ppl {corpus.spec}")
+        else:
+            scores = perplexity(lm, held, desc=f"ppl {corpus.spec}", offload_device=dev if offload else None)
+        results[corpus.spec] = PerplexityScore(**scores, language=lang, protocol=protocol(held) + note)
+    return results
+
+
+def _humaneval(he: HumanEvalConfig, lm: LoadedModel | None, model) -> tuple[HumanEval, list[dict]]:
+    """The HumanEval section (paths in its config as a report shows them) and the samples."""
+    path = lm.origin.get("path") if lm is not None else None
+    section, samples = run_humaneval(he, lm, model_path=path or model)
+    cfg = section["config"]
+    for key in ("completions", "problems_file"):
+        cfg[key] = display_name(cfg.get(key))
+    return HumanEval.from_dict(section, "humaneval"), samples
+
+
+def _efficiency(lm: LoadedModel) -> Efficiency:
+    from codeprune.evaluation.efficiency import efficiency_report
+
+    path = lm.origin.get("path")
+    folder = Path(path) if path and Path(path).is_dir() else None  # a hub id has no folder
+    return Efficiency.from_dict(efficiency_report(lm, checkpoint=folder), "efficiency")
 
 
 def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[str, ...] | None = None,
@@ -51,100 +164,46 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     report.md (and humaneval_samples.jsonl) written there atomically.
     ``ppl_tokenizer`` (a model name: the original of a vocabulary-pruned model) cuts the
     held-out windows with that model's tokenizer and scores them per *its* tokens
-    (evaluate.perplexity.perplexity_remapped), so the figure compares with the original's.
-    Returns {"model", "perplexity": {spec: {...}}, "humaneval": {...}, "efficiency": {...}, ...}."""
-    he = HumanEvalConfig() if humaneval is True else humaneval or None
-    if ppl is None:
-        ppl = [] if he else ["python-stdlib"]
-    efficiency = efficiency and model is not None
-    needs_model = bool(ppl) or efficiency or (he is not None and he.completions is None)
-    if needs_model and model is None:
-        raise ConfigError("give --model (only --humaneval --completions FILE works without one)")
+    (evaluation/perplexity.py ``perplexity_remapped``), so the figure compares with the original's.
+    Returns report.json's content (reporting/schema.py ``EvalReport``), plus "out" when written."""
+    plan = _plan(model, ppl, humaneval, efficiency)
     if out is not None:
         check_output(out, overwrite)
     dev = resolve_device(device)
-    check_window_sizes(windows, seq_len)
-    sources = _ppl_sources(ppl)
-    corpora = [(read_source(src, text_field=text_field), lang) for src, lang in sources]  # fail fast
-    if he is not None and he.completions is None:
-        from codeprune.evaluation.sandbox import check_sandbox
-
-        check_sandbox(he.limits)  # before minutes of generation
-    vllm = he is not None and he.completions is None and he.backend == "vllm"
-    if vllm:
-        if isinstance(model, LoadedModel):
-            raise ConfigError("--backend vllm loads the model itself: give a folder, alias or hub id")
-        folder = Path(str(model)).expanduser()
-        if (folder / "config.json").is_file():
-            from transformers import AutoConfig
-
-            from codeprune.models.checkpoint import needs_modeling_file
-
-            if needs_modeling_file(AutoConfig.from_pretrained(folder)):
-                raise ConfigError(f"{model} has per-layer sizes or extra biases (modeling_codeprune.py), "
-                                  "which vLLM cannot serve: use --backend hf")
-        efficiency = False  # measured on the HF copy, it would not describe vLLM's serving
-    result: dict = {"kind": "eval"}
+    _read_sources(plan, model, seq_len, windows, text_field)
+    name = model.name if isinstance(model, LoadedModel) else model
+    report = EvalReport(model=display_name(name) if name is not None else None)
     lm = None
-    if needs_model:
+    if plan.needs_model:
         lm = _as_loaded(model, dtype, seq_len)
-        if not offload and not vllm:  # offload: perplexity brings one layer at a time to the device
+        if not offload and not plan.vllm:  # offload: perplexity brings one layer at a time to the device
             place_model(lm, dev)
-        sparsity = decoder_sparsity(lm)
-        total, nonzero = count_parameters(lm.model)
-        result.update(model=lm.name, sparsity=sparsity, params_total=total, params_nonzero=nonzero,
-                      source=lm.origin)
-    else:
-        result["model"] = str(model) if model is not None else None
-    if corpora:
-        remap, window_tok = None, lm.tokenizer
-        if ppl_tokenizer is not None:
-            from codeprune.methods.vocab import id_map, make_remap
-            from codeprune.models.loading import load_tokenizer
-
-            if offload:
-                raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
-            window_tok = load_tokenizer(ppl_tokenizer)
-            remap = make_remap(window_tok, lm.tokenizer, id_map(window_tok, lm.tokenizer))
-
-        results = {}
-        for corpus, lang in corpora:
-            held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
-            if remap is not None:
-                scores = perplexity_remapped(lm, held, remap, desc=f"ppl {corpus.spec}")
-                note = f"; windows cut by the tokenizer of {ppl_tokenizer}, ppl per its tokens"
-            else:
-                scores = perplexity(lm, held, desc=f"ppl {corpus.spec}",
-                                    offload_device=dev if offload else None)
-                note = ""
-            results[corpus.spec] = {**scores, "language": lang, "protocol": protocol(held) + note}
-        result["perplexity"] = results
-    if offload and not vllm and (efficiency or (he is not None and he.completions is None)):
+        report.model = display_name(lm.name)
+        report.source = Source.from_dict(sanitise_source(lm.origin, lm.name), "source")
+        report.sparsity = decoder_sparsity(lm)
+        report.params_total, report.params_nonzero = count_parameters(lm.model)
+    if plan.corpora:
+        report.perplexity = _perplexities(lm, plan.corpora, seq_len=seq_len, windows=windows, dev=dev,
+                                          offload=offload, ppl_tokenizer=ppl_tokenizer)
+    if offload and not plan.vllm and (plan.efficiency or plan.generates):
         place_model(lm, dev)  # generation and speed need the whole model on the device
     samples = None
-    if he is not None:
-        path = lm.origin.get("path") if lm is not None else None
-        result["humaneval"], samples = run_humaneval(he, lm, model_path=path or model)
-    if efficiency:
-        from codeprune.evaluation.efficiency import efficiency_report
-
-        path = lm.origin.get("path")
-        folder = Path(path) if path and Path(path).is_dir() else None  # a hub id has no folder
-        result["efficiency"] = efficiency_report(lm, checkpoint=folder)
+    if plan.he is not None:
+        report.humaneval, samples = _humaneval(plan.he, lm, model)
+    if plan.efficiency:
+        report.efficiency = _efficiency(lm)
+    result = report.to_dict()
     if out is not None:
-        result["out"] = str(write_eval_report(out, result, samples, overwrite=overwrite))
+        result["out"] = str(write_eval_report(out, report, samples, overwrite=overwrite))
     return result
 
 
-def write_eval_report(out: str | Path, result: dict, samples: list[dict] | None, *,
+def write_eval_report(out: str | Path, report: EvalReport, samples: list[dict] | None, *,
                       overwrite: bool = False) -> Path:
     """report.json, report.md and the HumanEval samples of one eval run, written atomically."""
-    from codeprune.outputs import write_atomically
-    from codeprune.reporting.markdown import render_eval_markdown
 
     def fill(tmp: Path) -> None:
-        (tmp / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "report.md").write_text(render_eval_markdown(result))
+        write_report(tmp, report)
         if samples is not None:
             write_samples(tmp / "humaneval_samples.jsonl", samples)
 

@@ -41,7 +41,9 @@ from codeprune.recipes.spec import (
     load_recipe,
     stage_uses_data,
 )
-from codeprune.reporting.markdown import render_markdown
+from codeprune.reporting.provenance import display_name, sanitise_source
+from codeprune.reporting.schema import PruneReport
+from codeprune.reporting.writer import writes_report
 from codeprune.workflows.common import _as_loaded, peak_rss_mb
 
 # the fields of a single method's stage record that are the report's own (see the README)
@@ -203,12 +205,14 @@ def _report(lm, rec: Recipe, target, single: bool, stages: list[dict], dense: di
         ppl_protocol = protocol(held) + ("; after a vocab stage, per original token (the same text, "
                                          "re-tokenized by the pruned tokenizer)" if state.remap else "")
     report = {
-        "model": lm.name, "method": rec.name if single else f"recipe:{rec.name}",
+        "model": display_name(lm.name), "method": rec.name if single else f"recipe:{rec.name}",
         "params_dense": dense["params"], "params_total": total, "params_nonzero": nonzero,
         "ratio_actual_total": 1 - total / dense["params"],
-        "calibration": {**calib_set.describe(), "text_field": text_field} if uses_data else None,
+        "calibration": {**calib_set.describe(), "source": display_name(calib_set.source),
+                        "text_field": text_field} if uses_data else None,
         "ppl_dense": dense["ppl"], "ppl_pruned": ppl_pruned, "ppl_protocol": ppl_protocol,
-        "seconds_prune": seconds, "peak_rss_mb": peak_rss_mb(), "device": str(device), "source": lm.origin,
+        "seconds_prune": seconds, "peak_rss_mb": peak_rss_mb(), "device": str(device),
+        "source": sanitise_source(lm.origin, lm.name),
         "export": "trust_remote_code" if needs_modeling_file(lm.model.config) else "plain",
         "energy_prune": energy or None,
         "notes": [lm.origin["note"]] if lm.origin.get("note") else [],
@@ -266,7 +270,8 @@ def _finish(lm, report: dict, efficiency: bool, dense_speed: dict | None, out,
         if dense_speed is not None:
             report["tokens_per_s_dense"] = dense_speed
             report["tokens_per_s_pruned"] = _speed_fields(report["efficiency"]["speed"]["batch_1"])
+    record = PruneReport.from_dict(report, "prune report")  # reporting/schema.py
     path = None
     if out is not None:
-        path = save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_markdown)
-    return PruneResult(lm, report, path)
+        path = save_checkpoint(lm, out, overwrite=overwrite, extra=writes_report(record))
+    return PruneResult(lm, record.to_dict(), path)

@@ -42,6 +42,10 @@ from codeprune.data.instructions import EVAL_FRACTION, Example, read_instruction
 from codeprune.errors import ConfigError, CorruptModelError
 from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.options import opt
+from codeprune.reporting.markdown import render
+from codeprune.reporting.provenance import display_name, sanitise_source
+from codeprune.reporting.schema import LoraSettings, RecoverData, RecoverReport, Source, TrainingSettings
+from codeprune.reporting.writer import write_report
 
 LORA_TARGETS = DecoderAdapter.sublayer_names  # canonical names; the adapter maps them to module names
 
@@ -237,57 +241,68 @@ def _check_resume(work: Path, options: dict) -> str | None:
     return get_last_checkpoint(str(work))
 
 
-def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | None = None,
-            device: str = "auto", dtype: str = "float32", eval_ppl: str | None = "python-stdlib",
-            eval_windows: int = 16, ppl_seq_len: int = 512, keep_checkpoints: bool = False,
-            overwrite: bool = False, callbacks: list | None = None) -> RecoverResult:
-    """LoRA-tune ``model`` (a folder or alias) on instruction ``data``, merge, save to ``out``.
+@dataclass
+class _Inputs:
+    """The encoded instruction set and the held-out perplexity windows of one run."""
 
-    See the module docstring; ``eval_ppl``: the source whose held-out split gives the
-    perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s."""
-    from accelerate import PartialState
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    spec: str
+    examples: int
+    train_set: list[dict]
+    eval_set: list[dict]
+    dropped: int
+    held: object  # held-out windows, or None
 
-    from codeprune.calibration.devices import resolve_device
-    from codeprune.data import heldout_windows, read_source
-    from codeprune.data.calibration import check_window_sizes
-    from codeprune.models.counting import decoder_sparsity
-    from codeprune.outputs import check_output
-    from codeprune.workflows.common import load
 
-    cfg = config or RecoverConfig()
-    out = check_output(out, overwrite)
-    check_window_sizes(eval_windows, ppl_seq_len)
-    state = PartialState()
+@dataclass
+class _Trained:
+    """What training left: the adapter and the figures the report needs."""
+
+    adapter_dir: Path
+    trainable: int
+    train_out: object  # transformers TrainOutput
+    seconds: float
+    eval_before: float | None
+    eval_after: float | None
+    history: list[dict]
+
+
+def _start(model: str, data: str, out, cfg: RecoverConfig, overwrite: bool, state) -> tuple[Path, dict,
+                                                                                              str | None]:
+    """(work folder, options, checkpoint to resume from): refused before minutes of loading when
+    an interrupted run in the work folder had other options."""
     work = _work_dir(out)
     options = {"model": str(model), "data": data, **asdict(cfg), "targets": list(cfg.targets)}
     if overwrite and state.is_main_process:
         shutil.rmtree(work, ignore_errors=True)  # start afresh: nothing to resume
     state.wait_for_everyone()
-    resume = _check_resume(work, options)  # before minutes of loading
-    dev = resolve_device(device)
-    instructions = read_instructions(data)
+    return work, options, _check_resume(work, options)
+
+
+def _inputs(lm, data: str, instructions, cfg: RecoverConfig, corpus, eval_windows: int,
+            ppl_seq_len: int) -> _Inputs:
+    """Split and encode the instruction set; cut the held-out perplexity windows."""
+    from codeprune.data import heldout_windows
+
     train_ex, eval_ex = instructions.split(cfg.eval_fraction)
-    corpus = read_source(eval_ppl) if eval_ppl else None
-    lm = load(model, dtype=dtype)
-    tok = lm.tokenizer
-    train_set, dropped_train = encode_all(tok, train_ex, cfg.seq_len)
-    eval_set, dropped_eval = encode_all(tok, eval_ex, cfg.seq_len)
+    train_set, dropped_train = encode_all(lm.tokenizer, train_ex, cfg.seq_len)
+    eval_set, dropped_eval = encode_all(lm.tokenizer, eval_ex, cfg.seq_len)
     if not train_set:
         raise ConfigError(f"no training example keeps an answer token within seq len {cfg.seq_len}")
-    held = heldout_windows(tok, corpus, seq_len=ppl_seq_len, max_windows=eval_windows) if corpus else None
-    masks = sparse_masks(lm, cfg.keep_mask)
-    sparsity_before = decoder_sparsity(lm)
-    ppl_before = _perplexity(lm, held, dev) if state.is_main_process else None
+    held = heldout_windows(lm.tokenizer, corpus, seq_len=ppl_seq_len, max_windows=eval_windows) \
+        if corpus else None
+    return _Inputs(data, len(instructions.examples), train_set, eval_set, dropped_train + dropped_eval, held)
 
+
+def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resume: str | None,
+           callbacks: list | None) -> _Trained:
+    """LoRA through the HF Trainer (resumed from ``resume``); the adapter saved in ``work/adapter``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    tok, train_set, eval_set = lm.tokenizer, inputs.train_set, inputs.eval_set
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes))
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     eval_steps = cfg.eval_steps or max(1, total // 5)
-    if state.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "recover_options.json").write_text(json.dumps(options, indent=2) + "\n")
-
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lm.adapter.lora_target_modules(cfg.targets), task_type="CAUSAL_LM",
                       bias="none")
@@ -317,63 +332,96 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
         eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
         adapter_dir = work / "adapter"
         trainer.save_model(str(adapter_dir))  # gathers DeepSpeed / FSDP shards
-    history = list(trainer.state.log_history)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return RecoverResult({}, None)
     if resume is not None:  # the evaluation at step 0 happened in the first attempt
         before = work / "eval_before.json"
         eval_before = json.loads(before.read_text())["eval_loss"] if before.is_file() else None
+    return _Trained(adapter_dir, trainable, train_out, seconds, eval_before, eval_after,
+                    list(trainer.state.log_history))
 
-    del trainer, peft_model
+
+def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | None = None,
+            device: str = "auto", dtype: str = "float32", eval_ppl: str | None = "python-stdlib",
+            eval_windows: int = 16, ppl_seq_len: int = 512, keep_checkpoints: bool = False,
+            overwrite: bool = False, callbacks: list | None = None,
+            save_dtype: str | None = None) -> RecoverResult:
+    """LoRA-tune ``model`` (a folder or alias) on instruction ``data``, merge, save to ``out``.
+
+    See the module docstring; ``eval_ppl``: the source whose held-out split gives the
+    perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s.
+    ``RecoverResult.report`` is report.json's content (reporting/schema.py ``RecoverReport``)."""
+    from accelerate import PartialState
+
+    from codeprune.calibration.devices import resolve_device
+    from codeprune.data import read_source
+    from codeprune.data.calibration import check_window_sizes
+    from codeprune.models.counting import decoder_sparsity
+    from codeprune.outputs import check_output
+    from codeprune.workflows.common import load
+
+    cfg = config or RecoverConfig()
+    out = check_output(out, overwrite)
+    check_window_sizes(eval_windows, ppl_seq_len)
+    state = PartialState()
+    work, options, resume = _start(model, data, out, cfg, overwrite, state)
+    dev = resolve_device(device)
+    instructions = read_instructions(data)
+    corpus = read_source(eval_ppl) if eval_ppl else None
+    lm = load(model, dtype=dtype)
+    inputs = _inputs(lm, data, instructions, cfg, corpus, eval_windows, ppl_seq_len)
+    masks = sparse_masks(lm, cfg.keep_mask)
+    before = {"sparsity": decoder_sparsity(lm),
+              "ppl": _perplexity(lm, inputs.held, dev) if state.is_main_process else None}
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "recover_options.json").write_text(json.dumps(options, indent=2) + "\n")
+    trained = _train(lm, cfg, inputs, work, dev, state, resume, callbacks)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return RecoverResult({}, None)
+    chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
     lm.model = None
     gc.collect()
-    merged = _merge(model, dtype, adapter_dir, masks)
-    sparsity_after = decoder_sparsity(merged)
-    ppl_after = _perplexity(merged, held, dev)
-    from codeprune.models.checkpoint import needs_modeling_file
-    from codeprune.models.counting import count_parameters
-
-    report = {
-        "kind": "recover",
-        "model": str(model),
-        "data": {"spec": data, "examples": len(instructions.examples), "train": len(train_set),
-                 "eval": len(eval_set), "dropped_no_answer_within_seq_len": dropped_train + dropped_eval,
-                 "chat_template": bool(getattr(tok, "chat_template", None))},
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                 "targets": list(cfg.targets), "trainable_params": trainable},
-        "training": {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "lr": cfg.lr,
-                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.seq_len,
-                     "processes": state.num_processes, "resumed_from": resume},
-        "steps": train_out.global_step,
-        "samples_seen": train_out.global_step * cfg.batch_size * cfg.grad_accum * state.num_processes,
-        "seconds": seconds,
-        "train_loss": train_out.training_loss,
-        "loss_curve": {"train": [[h["step"], h["loss"]] for h in history if "loss" in h],
-                       "eval": ([[0, eval_before]] if eval_before is not None else [])
-                       + [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h]},
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
-        "ppl_before": ppl_before,
-        "ppl_after": ppl_after,
-        "ppl_protocol": _protocol(held),
-        "sparsity_before": sparsity_before,
-        "sparsity_after": sparsity_after,
-        "masks_kept": len(masks),
-        "params_total": count_parameters(merged.model)[0],
-        "export": "trust_remote_code" if needs_modeling_file(merged.model.config) else "plain",
-        "device": str(dev),
-    }
-    path = _save(merged, out, overwrite, report, adapter_dir)
+    merged = _merge(model, dtype, trained.adapter_dir, masks)
+    report = _report(merged, cfg, inputs, trained, before, masks, dev, state.num_processes, resume,
+                     chat_template)
+    path = _save(merged, out, overwrite, report, trained.adapter_dir, save_dtype)
     if not keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
-    return RecoverResult(report, path)
+    return RecoverResult(report.to_dict(), path)
 
 
-def _protocol(held) -> str | None:
+def _report(merged, cfg: RecoverConfig, inputs: _Inputs, trained: _Trained, before: dict, masks: dict,
+            dev, processes: int, resume: str | None, chat_template: bool) -> RecoverReport:
+    """report.json of a recovery (docs/recovery.md "Output")."""
     from codeprune.evaluation.perplexity import protocol
+    from codeprune.models.checkpoint import needs_modeling_file
+    from codeprune.models.counting import count_parameters, decoder_sparsity
 
-    return protocol(held) if held is not None else None
+    out, history = trained.train_out, trained.history
+    eval_curve = [[0, trained.eval_before]] if trained.eval_before is not None else []
+    return RecoverReport(
+        model=display_name(merged.name),
+        source=Source.from_dict(sanitise_source(merged.origin, merged.name), "source"),
+        data=RecoverData(spec=display_name(inputs.spec), examples=inputs.examples,
+                         train=len(inputs.train_set), eval=len(inputs.eval_set),
+                         dropped_no_answer_within_seq_len=inputs.dropped,
+                         chat_template=chat_template),
+        lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          targets=list(cfg.targets), trainable_params=trained.trainable),
+        training=TrainingSettings(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr,
+                                  batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seq_len=cfg.seq_len,
+                                  processes=processes, resumed_from=resume),
+        steps=out.global_step, samples_seen=out.global_step * cfg.batch_size * cfg.grad_accum * processes,
+        seconds=trained.seconds, train_loss=out.training_loss,
+        loss_curve={"train": [[h["step"], h["loss"]] for h in history if "loss" in h],
+                    "eval": eval_curve + [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h]},
+        eval_loss_before=trained.eval_before, eval_loss_after=trained.eval_after,
+        ppl_before=before["ppl"], ppl_after=_perplexity(merged, inputs.held, dev),
+        ppl_protocol=protocol(inputs.held) if inputs.held is not None else None,
+        sparsity_before=before["sparsity"], sparsity_after=decoder_sparsity(merged), masks_kept=len(masks),
+        params_total=count_parameters(merged.model)[0],
+        export="trust_remote_code" if needs_modeling_file(merged.model.config) else "plain", device=str(dev),
+    )
 
 
 def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
@@ -393,23 +441,28 @@ def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
     return lm
 
 
-def _save(lm, out: Path, overwrite: bool, report: dict, adapter_dir: Path) -> Path:
+def _save(lm, out: Path, overwrite: bool, report: RecoverReport, adapter_dir: Path,
+          save_dtype: str | None = None) -> Path:
+    from functools import partial
+
     from codeprune.models.checkpoint import save_checkpoint
+    from codeprune.reporting.model_card import render_model_card
 
     def extra(folder: Path) -> None:
+        write_report(folder, report, measure_disk=True)  # before adapter/ and loss.png land
         # the Trainer's training_args.bin is a pickle: codeprune writes none (recover_options.json
         # and report.json hold the settings)
         shutil.copytree(adapter_dir, folder / "adapter", ignore=shutil.ignore_patterns("*.bin"))
         _plot_losses(report, folder / "loss.png")
 
-    return save_checkpoint(lm, out, overwrite=overwrite, report=report, render=render_recover_markdown,
-                           extra=extra)
+    return save_checkpoint(lm, out, overwrite=overwrite, extra=extra, card=partial(render_model_card, report),
+                           save_dtype=save_dtype)
 
 
-def _plot_losses(report: dict, path: Path) -> None:
+def _plot_losses(report: RecoverReport, path: Path) -> None:
     from codeprune.reporting.plots import plt
 
-    curves = report["loss_curve"]
+    curves = report.loss_curve
     if not curves["train"] and not curves["eval"]:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -419,33 +472,12 @@ def _plot_losses(report: dict, path: Path) -> None:
                     label=f"{name} loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (response tokens)")
-    ax.set_title(f"LoRA recovery of {Path(report['model']).name}")
+    ax.set_title(f"LoRA recovery of {Path(report.model).name}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def render_recover_markdown(r: dict) -> str:
-    from codeprune.reporting.markdown import _fmt
-
-    rows = [
-        ("model", r["model"]), ("data", r["data"]["spec"]),
-        ("examples train / eval", f"{r['data']['train']} / {r['data']['eval']}"),
-        ("chat template", r["data"]["chat_template"]),
-        ("LoRA r / alpha / dropout", f"{r['lora']['r']} / {r['lora']['alpha']} / {r['lora']['dropout']}"),
-        ("trainable parameters", r["lora"]["trainable_params"]),
-        ("steps", r["steps"]), ("samples seen", r["samples_seen"]), ("seconds", r["seconds"]),
-        ("eval loss before", r["eval_loss_before"]), ("eval loss after", r["eval_loss_after"]),
-        ("perplexity before", r["ppl_before"]), ("perplexity after", r["ppl_after"]),
-        ("sparsity before", r["sparsity_before"]), ("sparsity after", r["sparsity_after"]),
-        ("Linears kept sparse", r["masks_kept"]), ("parameters", r["params_total"]),
-        ("checkpoint loads with", "from_pretrained" if r["export"] == "plain"
-         else "from_pretrained(trust_remote_code=True) or codeprune.load"),
-    ]
-    lines = [f"# codeprune recover: {r['model']}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
-    if r.get("ppl_protocol"):
-        lines += ["", f"Perplexity protocol: {r['ppl_protocol']}."]
-    lines += ["", "Loss is the mean cross-entropy on the response tokens; the curve is in loss.png.", ""]
-    return "\n".join(lines)
+# The name the CLI used before reporting.markdown.render: report.md of a recovery.
+render_recover_markdown = render
