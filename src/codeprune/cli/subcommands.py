@@ -21,11 +21,10 @@ from codeprune.cli.arguments import (
 
 def _methods(structured: bool | None = None) -> dict[str, type]:
     """{method: config class}, unstructured methods first (``structured``: only those / the others)."""
-    from codeprune.methods import METHODS, SPARSE_METHODS, STRUCTURED_METHODS
+    from codeprune.methods import METHODS, is_structured
 
-    names = [m for group, s in ((SPARSE_METHODS, False), (STRUCTURED_METHODS, True))
-             if structured in (None, s) for m in group]
-    return {m: METHODS[m].config_class for m in names}
+    names = sorted(METHODS, key=lambda m: (is_structured(m), m))  # registered now, plugins included
+    return {m: METHODS[m].config_class for m in names if structured in (None, is_structured(m))}
 
 
 def _options_of(users: list[str]) -> str:
