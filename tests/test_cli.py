@@ -432,7 +432,7 @@ def test_prune_passes_only_the_method_options_given(monkeypatch, capsys):
                  "--no-compensation", "--json"]) == 0
     (_, kwargs), = fake.calls
     assert kwargs["checkpointing"] is False and kwargs["compensation"] is False
-    assert kwargs["scope"] == "0.2:0.8" and "save_dtype" not in kwargs
+    assert kwargs["scope"] == "0.2:0.8" and kwargs["save_dtype"] is None  # None: the source's dtype
 
 
 def test_recover_distill_and_eval_options_reach_their_configs(monkeypatch, capsys):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from codeprune.errors import ConfigError, OutputExistsError
 from codeprune.methods import make_pruner
 from codeprune.methods.unstructured.base import prune_model_
-from codeprune.models.checkpoint import resolve_save_dtype, save_checkpoint
+from codeprune.models.checkpoint import disk_bytes, resolve_save_dtype, save_checkpoint
 from codeprune.reporting.model_card import render_model_card
 
 from .conftest import make_tiny
@@ -24,7 +24,8 @@ from .conftest import make_tiny
 def test_pruned_checkpoint_reloads_with_identical_logits(tiny_any, random_ids, tmp_path):
     lm = tiny_any
     prune_model_(lm, make_pruner("wanda", pattern="2:4"), random_ids)
-    out = save_checkpoint(lm, tmp_path / "run", report={"method": "wanda"}, render=lambda r: "# r\n")
+    out = save_checkpoint(lm, tmp_path / "run",
+                          extra=lambda f: (f / "report.json").write_text(json.dumps({"method": "wanda"})))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temp folder left
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     assert json.loads((out / "report.json").read_text()) == {"method": "wanda"}
@@ -97,8 +98,8 @@ def test_model_card_front_matter_and_plain_reload(tiny_llama, random_ids, tmp_pa
                          "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
               "provenance": {"command": "codeprune prune --model smollm2-135m --method wanda --pattern 2:4"},
               "notes": ["dequantized from a Q4_1 GGUF"]}
-    out = save_checkpoint(tiny_llama, tmp_path / "run", report=report,
-                          card=partial(render_model_card, report))
+    out = save_checkpoint(tiny_llama, tmp_path / "run", card=partial(render_model_card, report),
+                          extra=lambda f: report["efficiency"].update(disk_bytes=disk_bytes(f)))
     meta, body = _front_matter(out)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
     assert meta["tags"] == ["pruned", "codeprune", "wanda", "llama"]

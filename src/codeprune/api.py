@@ -22,9 +22,6 @@ module per command) or ``codeprune.reporting`` (views over many runs); the CLI
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from codeprune.errors import ConfigError
 from codeprune.reporting.analysis import compare_runs as compare
 from codeprune.reporting.analysis import report_runs as report
 from codeprune.workflows.common import load
@@ -32,26 +29,9 @@ from codeprune.workflows.distill import distill_data
 from codeprune.workflows.evaluate import evaluate
 from codeprune.workflows.instructions import instructions
 from codeprune.workflows.prune import PruneResult, prune
-from codeprune.workflows.recover import RecoverConfig, RecoverResult
-from codeprune.workflows.recover import recover as _recover
+from codeprune.workflows.recover import RecoverResult, recover
 from codeprune.workflows.sweep import sweep
 
 __all__ = ["PruneResult", "RecoverResult", "compare", "distill_data", "evaluate", "instructions", "load",
            "prune", "recover", "report", "sweep"]
 
-
-def recover(model: str, data: str, *, out: str | Path, device: str = "auto", dtype: str = "float32",
-            eval_ppl: str | None = "python-stdlib", eval_windows: int = 16, ppl_seq_len: int = 512,
-            keep_checkpoints: bool = False, overwrite: bool = False, **options):
-    """LoRA recovery of a pruned checkpoint on instruction ``data``, merged and saved to ``out``;
-    ``options`` are ``RecoverConfig`` fields (lora_r, lora_alpha, lora_dropout, targets, lr,
-    epochs, max_steps, batch_size, grad_accum, seq_len, eval_fraction, eval_steps,
-    save_steps, seed, keep_mask). Returns a ``RecoverResult`` (report, out). See
-    codeprune/workflows/recover.py and docs/recovery.md."""
-    try:
-        config = RecoverConfig(**options)
-    except TypeError as e:
-        raise ConfigError(f"bad recover option: {e}") from None
-    return _recover(model, data, out=out, config=config, device=device, dtype=dtype, eval_ppl=eval_ppl,
-                    eval_windows=eval_windows, ppl_seq_len=ppl_seq_len, keep_checkpoints=keep_checkpoints,
-                    overwrite=overwrite)

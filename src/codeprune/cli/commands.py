@@ -14,8 +14,8 @@ from codeprune.cli.arguments import given_options
 
 
 def _save_dtype(args) -> dict:
-    """``save_dtype`` for the API when given (None, the API's default, keeps the source's dtype)."""
-    return {"save_dtype": args.save_dtype} if args.save_dtype is not None else {}
+    """``save_dtype`` for the API (None, the default, keeps the source's dtype)."""
+    return {"save_dtype": args.save_dtype}
 
 
 def cmd_models(args) -> int:

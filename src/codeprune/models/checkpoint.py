@@ -1,7 +1,7 @@
 """Write a (pruned) model as a plain Hugging Face checkpoint folder, atomically.
 
-    save_checkpoint(lm, "runs/wanda50", report=report, render=render_markdown,
-                    card=render_model_card, save_dtype="bfloat16")
+    save_checkpoint(lm, "runs/wanda50", extra=writes_report(record),
+                    card=partial(render_model_card, record), save_dtype="bfloat16")
 
 Unstructured / N:M results keep every shape, so the folder is a standard
 checkpoint (safetensors, config, tokenizer, generation config) that plain
@@ -92,28 +92,20 @@ def set_auto_map(config) -> None:
 
 
 def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False,
-                    report: dict | None = None, render: Callable[[dict], str] | None = None,
                     card: str | Callable[..., str] | None = None, save_dtype: str | None = None,
                     extra: Callable[[Path], None] | None = None) -> Path:
-    """Save model, tokenizer and (optionally) report.json / report.md (``render(report)``) and
-    the model card README.md to ``out``; ``extra(folder)`` adds more files before the folder
-    is renamed into place.
+    """Save model, tokenizer and (optionally) the model card README.md to ``out``;
+    ``extra(folder)`` adds more files (the report: ``reporting.writer.writes_report``) before
+    the folder is renamed into place.
 
     ``card`` is the card's text, or a renderer called as ``card(needs_remote_code=..., dtype=...)``
     once the report's figures are final, e.g. ``functools.partial(render_model_card, report)``
     (reporting/model_card.py: models/ does not import reporting/).
     ``save_dtype`` (float32, bfloat16, float16; None: see ``resolve_save_dtype``) is the
-    dtype of the saved weights. When ``report`` has an "efficiency" section, its ``disk_bytes``
-    is set here to the size of the saved checkpoint, the one place it is known."""
+    dtype of the saved weights."""
 
     def fill(tmp: Path) -> None:
         dtype = write_model_files(lm, tmp, save_dtype=save_dtype)
-        if report is not None:
-            if report.get("efficiency") is not None:
-                report["efficiency"]["disk_bytes"] = disk_bytes(tmp)
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            if render is not None:
-                (tmp / "report.md").write_text(render(report))
         if extra is not None:
             extra(tmp)
         if card is not None:  # last: a report written by ``extra`` has its disk_bytes by now

@@ -1,7 +1,7 @@
 """The model card (README.md) of every checkpoint folder codeprune writes.
 
     from functools import partial
-    save_checkpoint(lm, out, report=report, card=partial(render_model_card, report), save_dtype=None)
+    save_checkpoint(lm, out, extra=writes_report(record), card=partial(render_model_card, record))
     render_model_card(report, needs_remote_code=False, dtype="bfloat16")   # -> "---\\nbase_model: ..."
 
 The card starts with the Hugging Face YAML front matter (the hub's model-card

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from codeprune.evaluation.efficiency import efficiency_report, energy_tracker, m
 from codeprune.evaluation.perplexity import perplexity, perplexity_remapped, protocol
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
+from codeprune.models.dtypes import parse_dtype
 from codeprune.models.loading import LoadedModel
 from codeprune.outputs import check_output
 from codeprune.recipes.runner import RecipeState, run_recipe
@@ -41,6 +43,7 @@ from codeprune.recipes.spec import (
     load_recipe,
     stage_uses_data,
 )
+from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
@@ -64,7 +67,8 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
           samples: int = 64, seq_len: int = 512, seed: int = 0, text_field: str = "text", device: str = "cpu",
           offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
           overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
-          efficiency: bool = True, dtype: str | torch.dtype = "float32", **method_options) -> PruneResult:
+          efficiency: bool = True, dtype: str | torch.dtype = "float32", save_dtype: str | None = None,
+          **method_options) -> PruneResult:
     """Prune ``model`` in place with ``method`` (or ``recipe``) and return the pruned model and its report.
 
     Unstructured / N:M methods (magnitude, wanda, sparsegpt): ``sparsity`` (default
@@ -82,7 +86,9 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     holds the pruned model's efficiency figures (evaluation/efficiency.py), the
     energy estimate of the pruning step and, when shapes change, the dense model's
     batch-1 speed. With ``out`` the result is saved as an HF checkpoint (plain, or
-    with modeling_codeprune.py for per-layer sizes) plus report.json / report.md.
+    with modeling_codeprune.py for per-layer sizes) in ``save_dtype`` (float32, bfloat16,
+    float16; default the source's dtype, bfloat16 for dequantized GGUF) with report.json /
+    report.md and a model card (README.md).
 
     Recipes: ``recipe`` (a built-in name such as "flab", a YAML path, or a
     ``recipes.spec.Recipe``) runs its stages in order, removing ``target`` (a
@@ -92,6 +98,8 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     rec, target, single = _as_recipe(method, sparsity, pattern, ratio, recipe, target, min_count,
                                      method_options)
     check_offload(rec, offload)  # before minutes of loading and evaluation
+    if save_dtype is not None:
+        parse_dtype(save_dtype)
     if out is not None:
         check_output(out, overwrite)
     dev = resolve_device(device)
@@ -120,7 +128,7 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
                      seconds=seconds, device=dev, text_field=text_field, energy=energy)
     if efficiency and offload:
         place_model(lm, dev)  # speed and memory need the whole model on the device
-    return _finish(lm, report, efficiency, dense["speed"], out, overwrite)
+    return _finish(lm, report, efficiency, dense["speed"], out, overwrite, save_dtype)
 
 
 def _as_recipe(method, sparsity, pattern, ratio, recipe, target, min_count,
@@ -261,8 +269,8 @@ def _batch1_speed(lm: LoadedModel, dev, offload: bool) -> dict:
     return speed
 
 
-def _finish(lm, report: dict, efficiency: bool, dense_speed: dict | None, out,
-            overwrite: bool) -> PruneResult:
+def _finish(lm, report: dict, efficiency: bool, dense_speed: dict | None, out, overwrite: bool,
+            save_dtype: str | None) -> PruneResult:
     """Efficiency figures (and the batch-1 speed-up when ``dense_speed`` is known), then the
     checkpoint with report.json / report.md."""
     if efficiency:
@@ -273,5 +281,6 @@ def _finish(lm, report: dict, efficiency: bool, dense_speed: dict | None, out,
     record = PruneReport.from_dict(report, "prune report")  # reporting/schema.py
     path = None
     if out is not None:
-        path = save_checkpoint(lm, out, overwrite=overwrite, extra=writes_report(record))
+        path = save_checkpoint(lm, out, overwrite=overwrite, extra=writes_report(record),
+                               card=partial(render_model_card, record), save_dtype=save_dtype)
     return PruneResult(lm, record.to_dict(), path)

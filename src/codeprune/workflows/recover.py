@@ -339,15 +339,30 @@ def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resu
                     list(trainer.state.log_history))
 
 
+def _config(config: RecoverConfig | None, options: dict) -> RecoverConfig:
+    if not options:
+        return config or RecoverConfig()
+    if config is not None:
+        raise ConfigError("give a RecoverConfig or its options as keywords, not both")
+    try:
+        return RecoverConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"bad recover option: {e}") from None
+
+
 def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | None = None,
             device: str = "auto", dtype: str = "float32", eval_ppl: str | None = "python-stdlib",
             eval_windows: int = 16, ppl_seq_len: int = 512, keep_checkpoints: bool = False,
             overwrite: bool = False, callbacks: list | None = None,
-            save_dtype: str | None = None) -> RecoverResult:
+            save_dtype: str | None = None, **options) -> RecoverResult:
     """LoRA-tune ``model`` (a folder or alias) on instruction ``data``, merge, save to ``out``.
 
-    See the module docstring; ``eval_ppl``: the source whose held-out split gives the
-    perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s.
+    See the module docstring; the training options are a ``RecoverConfig`` (``config``) or
+    its fields as keywords (``options``: lora_r, lora_alpha, lora_dropout, targets, lr,
+    epochs, max_steps, batch_size, grad_accum, seq_len, eval_fraction, eval_steps,
+    save_steps, seed, keep_mask, ...). ``eval_ppl``: the source whose held-out split gives
+    the perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s;
+    ``save_dtype``: the saved weights' dtype (default: the source's).
     ``RecoverResult.report`` is report.json's content (reporting/schema.py ``RecoverReport``)."""
     from accelerate import PartialState
 
@@ -358,7 +373,7 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     from codeprune.outputs import check_output
     from codeprune.workflows.common import load
 
-    cfg = config or RecoverConfig()
+    cfg = _config(config, options)
     out = check_output(out, overwrite)
     check_window_sizes(eval_windows, ppl_seq_len)
     state = PartialState()
