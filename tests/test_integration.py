@@ -15,7 +15,8 @@ from codeprune.cli import main
 
 pytestmark = pytest.mark.slow
 
-OPTS = dict(calib="python-stdlib", samples=32, seq_len=256, seed=0, eval_windows=16)
+OPTS = dict(calib="python-stdlib", samples=32, seq_len=256, seed=0, eval_windows=16,
+            save_dtype="float32")  # exact reload checks (the alias default is bfloat16)
 
 
 @pytest.fixture(scope="module")

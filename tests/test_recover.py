@@ -9,12 +9,13 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 import codeprune
 from codeprune.cli import main
 from codeprune.data.instructions import Example
+from codeprune.data.prompts import IGNORE, encode, encode_all
 from codeprune.errors import ConfigError, CorpusError, OutputExistsError
 from codeprune.methods import make_pruner
 from codeprune.methods.structured.prune import prune_structured_
 from codeprune.methods.unstructured.base import prune_model_
 from codeprune.models.checkpoint import save_checkpoint
-from codeprune.workflows.recover import IGNORE, RecoverConfig, encode, encode_all, recover, sparse_masks
+from codeprune.workflows.recover import RecoverConfig, recover, sparse_masks
 
 from .conftest import _tokenizer, make_tiny
 

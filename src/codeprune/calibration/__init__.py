@@ -1,1 +1,7 @@
-"""calibration."""
+"""Running models for the methods: the only layer that moves tensors between devices.
+
+engine.py      sequential calibration, one decoder layer at a time (optionally offloaded)
+gradients.py   the whole-model gradient pass (LLM-Pruner)
+stats.py       streaming input statistics (||X||, mean, variance; X^T X)
+devices.py     ``resolve_device``, ``place_model``
+"""

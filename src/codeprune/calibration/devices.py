@@ -1,4 +1,8 @@
-"""devices."""
+"""Devices: resolve a user's ``--device`` and place a whole model there.
+
+The workflows place models for evaluation; the engine and the gradient pass place
+what they run. Methods never move tensors.
+"""
 
 from __future__ import annotations
 

@@ -64,9 +64,9 @@ def cmd_prune(args) -> int:
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
-        from codeprune.reporting.markdown import render_markdown
+        from codeprune.reporting.markdown import render
 
-        print(render_markdown(result.report))
+        print(render(result.report))
         if result.out:
             print(f"saved to {result.out}")
     return 0
@@ -75,7 +75,7 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     from codeprune.api import evaluate
     from codeprune.evaluation.humaneval import HumanEvalConfig
-    from codeprune.reporting.markdown import render_eval_markdown
+    from codeprune.reporting.markdown import render
 
     humaneval = False
     if args.humaneval or args.completions:
@@ -87,7 +87,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(render_eval_markdown(res), end="")
+        print(render({k: v for k, v in res.items() if k != "out"}), end="")  # out: where it was saved
         if res.get("out"):
             print(f"\nsaved to {res['out']}")
     return 0
@@ -135,7 +135,7 @@ def cmd_report(args) -> int:
 
 def cmd_recover(args) -> int:
     from codeprune.api import recover
-    from codeprune.workflows.recover import render_recover_markdown
+    from codeprune.reporting.markdown import render
 
     res = recover(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
                   eval_ppl=None if args.eval_data == "none" else args.eval_data,
@@ -144,7 +144,7 @@ def cmd_recover(args) -> int:
                   **_save_dtype(args), **given_options(args))
     if res.out is None:  # not the main process of a distributed run
         return 0
-    print(json.dumps(res.report, indent=2) if args.json else render_recover_markdown(res.report))
+    print(json.dumps(res.report, indent=2) if args.json else render(res.report))
     print(f"saved to {res.out}")
     return 0
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeprune.data.calibration import unit_hash
-from codeprune.errors import ConfigError, CorpusError
+from codeprune.data.sources import is_stdlib_test, load_hf_dataset, read_source
+from codeprune.errors import ConfigError, CorpusError, OutputExistsError
 
 ROLES = ("system", "user", "assistant")
 EVAL_FRACTION = 0.05
@@ -156,7 +157,6 @@ def _read_hf_rows(spec: str) -> list[tuple[str, dict]]:
         name, config, split = parts
     else:
         raise ConfigError(f"bad dataset spec '{spec}': use hf:NAME[:CONFIG]:SPLIT")
-    from codeprune.data.sources import load_hf_dataset
 
     ds = load_hf_dataset(name, config, split)
     return [(f"{name}:{split}:{i}", dict(row)) for i, row in enumerate(ds)]
@@ -312,8 +312,6 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     (file:line) and "split" (by file). ``exclude(relative path) -> bool`` skips more
     files (``python-stdlib`` is the interpreter's standard library without its tests
     and site-packages)."""
-    from codeprune.data.sources import read_source
-
     lang = spec.split(":", 1)[0] if ":" in spec else spec
     if lang not in ("python", "python-stdlib", *BRACE_LANGUAGES):
         raise ConfigError(f"instructions --from takes python:DIR, {':DIR, '.join(BRACE_LANGUAGES)}:DIR "
@@ -322,9 +320,7 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     if spec == "python-stdlib":
-        from codeprune.data.sources import _is_stdlib_test
-
-        corpus, exclude = read_source(spec), exclude or _is_stdlib_test
+        corpus, exclude = read_source(spec), exclude or is_stdlib_test
     else:
         corpus = read_source(spec)
     seen, records = set(), []
@@ -361,8 +357,6 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
 
 def check_jsonl_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing file (unless ``overwrite``) or a folder at ``out``."""
-    from codeprune.errors import OutputExistsError
-
     out = Path(out).expanduser()
     if out.is_dir():
         raise OutputExistsError(f"output path {out} is a folder: give a .jsonl file name")

@@ -65,7 +65,7 @@ def read_source(spec: str, *, text_field: str = "text") -> Corpus:
     if not spec or not spec.strip():
         raise ConfigError("empty data source: use python-stdlib, LANG:DIR, FILE.txt, FILE.jsonl or hf:...")
     if spec == "python-stdlib":
-        corpus = _read_dir(spec, python_stdlib_dir(), "python", exclude=_is_stdlib_test)
+        corpus = _read_dir(spec, python_stdlib_dir(), "python", exclude=is_stdlib_test)
     elif spec.startswith("hf:"):
         corpus = _read_hf(spec, text_field)
     elif spec.split(":", 1)[0] in LANGUAGES and ":" in spec:
@@ -97,7 +97,8 @@ def python_stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _is_stdlib_test(rel: Path) -> bool:
+def is_stdlib_test(rel: Path) -> bool:
+    """Whether a standard-library file (path relative to the library) is a test or site-packages."""
     parts = rel.parts
     return (
         any(p in ("test", "tests", "idle_test", "site-packages", "dist-packages") for p in parts[:-1])

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from codeprune.models.checkpoint import disk_bytes
+from codeprune.models.counting import count_parameters
 from codeprune.models.loading import LoadedModel
 
 
@@ -115,8 +116,6 @@ def efficiency_report(lm: LoadedModel, *, checkpoint: str | Path | None = None,
                       batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 128,
                       new_tokens: int = 32) -> dict:
     """Every efficiency figure of ``lm`` (see the module docstring)."""
-    from codeprune.models.counting import count_parameters
-
     device = next(lm.model.parameters()).device
     total, nonzero = count_parameters(lm.model)
     with energy_tracker() as energy:

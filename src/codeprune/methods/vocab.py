@@ -21,7 +21,7 @@ Guarantees (tests/test_vocab.py):
 
 Only byte-level BPE fast tokenizers (GPT-2 / Llama-3 / Qwen / SmolLM style) are
 supported; anything else is refused with a ConfigError. The ``vocab`` stage of a
-recipe (recipe.py, docs/recipes.md) calls these; ``remap_ids`` / ``id_map`` let the
+recipe (recipes/runner.py, docs/recipes.md) calls these; ``remap_ids`` / ``id_map`` let the
 pruned model be scored on windows cut by the original tokenizer.
 """
 

@@ -1,4 +1,8 @@
-"""counting."""
+"""Counting parameters and zeros of a model (tied embeddings once).
+
+    total, nonzero = count_parameters(lm.model)
+    decoder_sparsity(lm)                       # share of zeros over every decoder Linear
+"""
 
 from __future__ import annotations
 

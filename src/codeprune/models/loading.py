@@ -22,15 +22,16 @@ import torch
 from torch import nn
 
 from codeprune.errors import CorruptModelError, ModelNotFoundError
-from codeprune.models.adapters import get_adapter
+from codeprune.models.adapters import check_supported, get_adapter
 from codeprune.models.adapters.base import DecoderAdapter
+from codeprune.models.checkpoint import needs_modeling_file, pruned_model_class
 from codeprune.models.dtypes import DEQUANTIZED_DTYPE, config_dtype, parse_dtype
 from codeprune.models.offline import (
     OFFLINE_MODELS,
     SOURCE_FILE,
-    _gguf_cache,
     drop_gguf_names,
     ensure_cached,
+    gguf_cache,
 )
 
 
@@ -82,7 +83,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32") -> LoadedMode
     if kind == "alias":
         where = ensure_cached(str(where))
     elif kind == "gguf":
-        where = _gguf_cache(Path(where))
+        where = gguf_cache(Path(where))
     origin.update(_source_metadata(kind, name, Path(where) if kind != "hub" else None))
     origin["path"] = str(where)
     model, tokenizer, source_dtype = _from_pretrained(str(where), kind, name, parse_dtype(dtype))
@@ -102,7 +103,7 @@ def load_tokenizer(name: str):
     if kind == "alias":
         where = ensure_cached(str(where))
     elif kind == "gguf":
-        where = _gguf_cache(Path(where))
+        where = gguf_cache(Path(where))
     try:
         return AutoTokenizer.from_pretrained(str(where))
     except Exception as e:
@@ -162,8 +163,6 @@ def _hub_front_matter(repo_id: str) -> dict:
 def _from_pretrained(where: str, kind: str, name: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from codeprune.models.adapters import check_supported
-
     try:
         config = AutoConfig.from_pretrained(where)
     except Exception as e:
@@ -175,7 +174,6 @@ def _from_pretrained(where: str, kind: str, name: str, dtype: torch.dtype):
         ) from e
     check_supported(config)  # fail before reading gigabytes of weights
     source_dtype = config_dtype(config)  # loading in ``dtype`` overwrites config.dtype
-    from codeprune.models.checkpoint import needs_modeling_file, pruned_model_class
 
     loader = AutoModelForCausalLM
     if needs_modeling_file(config):  # a structurally pruned checkpoint (per-layer sizes, extra biases)

@@ -281,7 +281,7 @@ def ensure_cached(alias: str) -> Path:
     return dest
 
 
-def _gguf_cache(path: Path) -> Path:
+def gguf_cache(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
     dest = cache_root() / "gguf" / f"{path.stem}-{key[:12]}"

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from codeprune.data import read_source
+from codeprune.data.calibration import split_documents
+from codeprune.data.sources import code_corpora
 from codeprune.errors import ConfigError
 from codeprune.methods import Produces, is_structured, run_method
+from codeprune.methods.depth import choose_layers, remove_layers_
 from codeprune.methods.structured.plan import decoder_param_count
+from codeprune.methods.vocab import count_tokens, make_remap, prune_vocab_, select_vocab
 from codeprune.models.counting import count_parameters, linear_sparsity
 from codeprune.recipes.spec import Recipe, Stage, check_budget, stage_method
 
@@ -87,10 +92,6 @@ def _skipped(reason: str) -> dict:
 
 def _corpus_texts(stage: Stage, state: RecipeState):
     """(sources, calibration-split documents) the vocab stage counts on."""
-    from codeprune.data import read_source
-    from codeprune.data.calibration import split_documents
-    from codeprune.data.sources import code_corpora
-
     corpus = stage.options.get("corpus") or state.corpus.spec
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
     if "code" in specs:
@@ -106,8 +107,6 @@ def _corpus_texts(stage: Stage, state: RecipeState):
 
 
 def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
-    from codeprune.methods.vocab import count_tokens, make_remap, prune_vocab_, select_vocab
-
     specs, docs = _corpus_texts(stage, state)
     tok = lm.tokenizer
     counts = count_tokens(tok, tqdm([d.text for d in docs], desc="counting tokens", unit="file", leave=False))
@@ -132,8 +131,6 @@ def _vocab_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> di
 
 
 def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
-    from codeprune.methods.depth import choose_layers, remove_layers_
-
     a = lm.adapter
     before = a.num_layers
     if "n" in stage.options:

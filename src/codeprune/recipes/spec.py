@@ -1,7 +1,7 @@
 """Recipes: pruning stages run in order, to a target fraction of all parameters.
 
 A recipe is a YAML file (or a built-in name: ``flab``, ``shortgpt``; see
-``codeprune/recipes/``) listing stages; Flab-Pruner (ALGORITHMS.md §2) is the
+``codeprune/recipes/``) listing stages; Flab-Pruner (Yang et al. 2024) is the
 built-in ``flab``: vocabulary, then layers, then FFN width.
 
     name: flab
@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeprune.errors import ConfigError
+from codeprune.methods import METHODS, Needs, is_structured, make_pruner
+from codeprune.methods.depth import LAYER_METRICS
 from codeprune.options import opt, option_names
 
 BUILTIN_DIR = Path(__file__).parent  # the built-in recipes: flab.yaml, shortgpt.yaml
@@ -111,8 +113,6 @@ STAGE_KEYS = {"share", "method"}  # keys of a method stage that are not the meth
 
 def method_keys(method: str) -> set[str]:
     """The options a stage running ``method`` may give: its config dataclass's fields."""
-    from codeprune.methods import METHODS
-
     return option_names(METHODS[method].config_class)
 
 
@@ -217,9 +217,6 @@ def _number(where: str, key: str, value, *, integer: bool = False, low: float = 
 
 def check_stage(stage: Stage, where: str) -> None:
     """Raise ConfigError for unknown stages, unknown keys and bad values (before any work)."""
-    from codeprune.methods import METHODS, is_structured
-    from codeprune.methods.depth import LAYER_METRICS
-
     o = stage.options
     if "share" in o:
         _number(where, "share", o["share"])
@@ -285,8 +282,6 @@ def structured_options(stage: Stage, ratio: float) -> dict:
 def stage_method(stage: Stage, ratio: float | None = None):
     """The configured method of a method / ffn / heads stage (``ratio``: what a structured stage
     removes, from its budget or its own ``ratio``)."""
-    from codeprune.methods import is_structured, make_pruner
-
     if is_structured(stage.method):
         return make_pruner(stage.method, **structured_options(stage, stage.options.get("ratio", 0.1)
                                                               if ratio is None else ratio))
@@ -302,8 +297,6 @@ def stage_uses_data(stage: Stage) -> bool:
 def check_offload(recipe: Recipe, offload: bool) -> None:
     """With ``offload`` (one layer at a time on the device), refuse the stages that need the whole
     model on the device: the layer search (it compares full forward passes) and gradient methods."""
-    from codeprune.methods import Needs
-
     if not offload:
         return
     for stage in recipe.stages:

@@ -25,8 +25,10 @@ from itertools import combinations
 from pathlib import Path
 
 from codeprune.errors import ConfigError, CorruptModelError, OutputExistsError
+from codeprune.models.loading import load_model
 from codeprune.outputs import write_atomically
 from codeprune.reporting.markdown import render_compare, render_runs
+from codeprune.reporting.masks import PackedMask, jaccard, load_masks, model_masks
 from codeprune.reporting.schema import (
     Efficiency,
     EvalReport,
@@ -114,13 +116,9 @@ def default_out(paths: list[str | Path], name: str) -> Path:
 
 def run_masks(run: Run) -> dict | None:
     """The run's masks, kept bit-packed (8x less memory than booleans)."""
-    from codeprune.reporting.masks import PackedMask, load_masks, model_masks
-
     if (run.path / "masks.safetensors").is_file():
         return load_masks(run.path / "masks.safetensors", packed=True)
     if (run.path / "config.json").is_file():
-        from codeprune.models.loading import load_model
-
         return {k: PackedMask.of(m) for k, m in model_masks(load_model(str(run.path))).items()}
     return None
 
@@ -156,8 +154,6 @@ def ppl_matrix(runs: list[Run]) -> dict | None:
 def compare_runs(paths: list[str | Path], *, out: str | Path | None = None, overwrite: bool = False,
                  plots: bool = True) -> dict:
     """Mask similarity and cross-language perplexity of runs; written to ``out`` when given."""
-    from codeprune.reporting.masks import jaccard
-
     runs, skipped = read_runs(paths)
     if out is not None:
         _derived_out(out, "compare.json", overwrite)

@@ -46,14 +46,6 @@ def render(report: Report | dict) -> str:
     return by_kind[report.kind](report)
 
 
-# The name the CLI used before ``render``: kept so callers need not change at once.
-render_markdown = render
-
-
-def render_eval_markdown(result: dict) -> str:
-    """report.md of what ``evaluate`` returns (report.json's content, plus "out" when saved)."""
-    return render({k: v for k, v in result.items() if k != "out"})
-
 
 def _notes(report: Report) -> list[str]:
     return [line for n in report.notes for line in ("", f"Note: {n}")]

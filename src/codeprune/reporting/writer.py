@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from codeprune.errors import CorruptModelError
+from codeprune.models.checkpoint import disk_bytes
 from codeprune.reporting.markdown import render
 from codeprune.reporting.schema import Report, report_from_dict
 
@@ -32,8 +33,6 @@ def write_report(folder: str | Path, report: Report, *, measure_disk: bool = Fal
 
     ``measure_disk``: ``folder`` holds the saved checkpoint, so the efficiency section's
     ``disk_bytes`` is its size (weights, config, tokenizer; measured before the reports land)."""
-    from codeprune.models.checkpoint import disk_bytes
-
     folder = Path(folder)
     efficiency = getattr(report, "efficiency", None)
     if measure_disk and efficiency is not None:

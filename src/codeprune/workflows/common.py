@@ -1,4 +1,7 @@
-"""common."""
+"""What every workflow shares: loading a model with its checks, and the process's peak memory.
+
+Tests replace ``load_model`` here to hand the workflows a tiny model.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ def load(model: str, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
     return load_model(model, dtype=dtype)
 
 
-def _as_loaded(model: str | LoadedModel, dtype, seq_len: int) -> LoadedModel:
+def as_loaded(model: str | LoadedModel, dtype, seq_len: int) -> LoadedModel:
+    """``model`` itself, or loaded by name; ConfigError when ``seq_len`` exceeds its context."""
     lm = model if isinstance(model, LoadedModel) else load(model, dtype=dtype)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit and seq_len > limit:

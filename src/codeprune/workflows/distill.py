@@ -42,7 +42,12 @@ from pathlib import Path
 import torch
 
 from codeprune.calibration.devices import place_model, resolve_device
+from codeprune.data.instructions import check_jsonl_output, to_messages, write_jsonl
+from codeprune.data.instructions import read_rows as raw_rows
+from codeprune.data.prompts import prompt_segments
 from codeprune.errors import ConfigError, CorpusError
+from codeprune.evaluation.humaneval import generate_texts
+from codeprune.evaluation.sandbox import SandboxLimits, check_sandbox, run_programs
 from codeprune.models.loading import LoadedModel
 from codeprune.options import opt
 from codeprune.workflows.common import load
@@ -94,9 +99,6 @@ class DistillConfig:
 def read_rows(spec: str, limit: int | None = None) -> list[DistillRow]:
     """Rows of an instruction set (.jsonl or hf:, Alpaca or chat, as ``codeprune recover``
     reads them), each ending with the reference answer."""
-    from codeprune.data.instructions import read_rows as raw_rows
-    from codeprune.data.instructions import to_messages
-
     rows = []
     for where, row in raw_rows(spec):
         messages = to_messages(row, where)
@@ -113,8 +115,6 @@ def read_rows(spec: str, limit: int | None = None) -> list[DistillRow]:
 def prompt_of(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     """(the text before the last answer, whether a chat template made it): the prompt
     ``codeprune recover`` trains that answer after."""
-    from codeprune.workflows.recover import prompt_segments
-
     segs = prompt_segments(tokenizer, messages)
     last = max(k for k, (_, trained) in enumerate(segs) if trained)
     prompt = "".join(text for text, _ in segs[:last])
@@ -142,8 +142,6 @@ def test_program(row: dict, answer: str) -> str:
 
 def judge(rows: list[DistillRow], answers: list[str], cfg: DistillConfig) -> list[tuple[bool, str, float]]:
     """[(correct, criterion, score)] per answer (score: 1/0 for tests, the similarity for match)."""
-    from codeprune.evaluation.sandbox import SandboxLimits, run_programs
-
     kinds = ["tests" if r.has_tests and cfg.criterion != "match" else "match" for r in rows]
     out: list = [None] * len(rows)
     runs = [k for k, kind in enumerate(kinds) if kind == "tests"]
@@ -161,8 +159,6 @@ def judge(rows: list[DistillRow], answers: list[str], cfg: DistillConfig) -> lis
 
 
 def answer_all(lm, rows: list[DistillRow], cfg: DistillConfig, desc: str) -> list[str]:
-    from codeprune.evaluation.humaneval import generate_texts
-
     prompts, templated = zip(*(prompt_of(lm.tokenizer, r.messages) for r in rows), strict=True)
     stops = () if all(templated) else PLAIN_STOPS
     texts = generate_texts(lm, list(prompts), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
@@ -224,11 +220,9 @@ def distill_data(original: str | LoadedModel, pruned: str | LoadedModel, data: s
                  dtype: str | torch.dtype = "float32", **options) -> tuple[list[dict], dict]:
     """Flab-Pruner's code instruction data strategy: keep the examples of ``data`` the pruned
     model gets wrong, with the original model's answer as target where it is correct;
-    written to ``out`` (.jsonl) when given. ``options`` are ``distill.DistillConfig``
+    written to ``out`` (.jsonl) when given. ``options`` are ``DistillConfig``
     fields (criterion, match_threshold, max_new_tokens, batch_size, limit, timeout,
-    memory_mb, workers). Returns (records, summary). See codeprune/distill.py."""
-    from codeprune.data.instructions import check_jsonl_output, write_jsonl
-
+    memory_mb, workers). Returns (records, summary); see the module docstring."""
     try:
         cfg = DistillConfig(**options)
     except TypeError as e:
@@ -237,8 +231,6 @@ def distill_data(original: str | LoadedModel, pruned: str | LoadedModel, data: s
         check_jsonl_output(out, overwrite)
     rows = read_rows(data, cfg.limit)  # fail fast on bad data, before loading two models
     if any(r.has_tests for r in rows) and cfg.criterion != "match":
-        from codeprune.evaluation.sandbox import SandboxLimits, check_sandbox
-
         check_sandbox(SandboxLimits(timeout=cfg.timeout, memory_mb=cfg.memory_mb))
     dev = resolve_device(device)
     models = []

@@ -19,16 +19,21 @@ import torch
 from codeprune.calibration.devices import place_model, resolve_device
 from codeprune.data import heldout_windows, read_source
 from codeprune.data.calibration import check_window_sizes
+from codeprune.data.sources import LANGUAGES, code_corpora
 from codeprune.errors import ConfigError
+from codeprune.evaluation.efficiency import efficiency_report
 from codeprune.evaluation.humaneval import HumanEvalConfig, run_humaneval, write_samples
 from codeprune.evaluation.perplexity import perplexity, perplexity_remapped, protocol
+from codeprune.evaluation.sandbox import check_sandbox
+from codeprune.methods.vocab import id_map, make_remap
+from codeprune.models.checkpoint import needs_modeling_file
 from codeprune.models.counting import count_parameters, decoder_sparsity
-from codeprune.models.loading import LoadedModel
+from codeprune.models.loading import LoadedModel, load_tokenizer
 from codeprune.outputs import check_output, write_atomically
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import Efficiency, EvalReport, HumanEval, PerplexityScore, Source
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import _as_loaded
+from codeprune.workflows.common import as_loaded
 
 
 @dataclass
@@ -48,8 +53,6 @@ class _Plan:
 
 def _ppl_sources(ppl) -> list[tuple[str, str | None]]:
     """[(source spec, language or None)], with ``code-ppl`` expanded to the corpora present."""
-    from codeprune.data.sources import LANGUAGES, code_corpora
-
     out: list[tuple[str, str | None]] = []
     for spec in ppl:
         if spec == "code-ppl":
@@ -68,8 +71,6 @@ def _check_vllm(model) -> None:
     folder = Path(str(model)).expanduser()
     if (folder / "config.json").is_file():
         from transformers import AutoConfig
-
-        from codeprune.models.checkpoint import needs_modeling_file
 
         if needs_modeling_file(AutoConfig.from_pretrained(folder)):
             raise ConfigError(f"{model} has per-layer sizes or extra biases (modeling_codeprune.py), "
@@ -95,8 +96,6 @@ def _read_sources(plan: _Plan, model, seq_len: int, windows: int, text_field: st
     specs = _ppl_sources(plan.corpora)
     plan.corpora = [(read_source(src, text_field=text_field), lang) for src, lang in specs]
     if plan.generates:
-        from codeprune.evaluation.sandbox import check_sandbox
-
         check_sandbox(plan.he.limits)  # before minutes of generation
         plan.vllm = plan.he.backend == "vllm"
     if plan.vllm:
@@ -110,9 +109,6 @@ def _perplexities(lm: LoadedModel, corpora, *, seq_len: int, windows: int, dev, 
     and scored per its tokens."""
     remap, window_tok, note = None, lm.tokenizer, ""
     if ppl_tokenizer is not None:
-        from codeprune.methods.vocab import id_map, make_remap
-        from codeprune.models.loading import load_tokenizer
-
         if offload:
             raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
         window_tok = load_tokenizer(ppl_tokenizer)
@@ -140,8 +136,6 @@ def _humaneval(he: HumanEvalConfig, lm: LoadedModel | None, model) -> tuple[Huma
 
 
 def _efficiency(lm: LoadedModel) -> Efficiency:
-    from codeprune.evaluation.efficiency import efficiency_report
-
     path = lm.origin.get("path")
     folder = Path(path) if path and Path(path).is_dir() else None  # a hub id has no folder
     return Efficiency.from_dict(efficiency_report(lm, checkpoint=folder), "efficiency")
@@ -175,7 +169,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     report = EvalReport(model=display_name(name) if name is not None else None)
     lm = None
     if plan.needs_model:
-        lm = _as_loaded(model, dtype, seq_len)
+        lm = as_loaded(model, dtype, seq_len)
         if not offload and not plan.vllm:  # offload: perplexity brings one layer at a time to the device
             place_model(lm, dev)
         report.model = display_name(lm.name)

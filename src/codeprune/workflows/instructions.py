@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from codeprune.data.instructions import build_instructions, check_jsonl_output, write_jsonl
+
 
 def instructions(source: str, *, out: str | Path | None = None, eval_fraction: float = 0.05,
                  overwrite: bool = False) -> tuple[list[dict], dict]:
     """Instruction pairs (docstring -> body) from a codebase ``python:DIR``; written to ``out``
     (.jsonl) when given. Returns (records, summary). See codeprune/data/instructions.py."""
-    from codeprune.data.instructions import build_instructions, check_jsonl_output, write_jsonl
-
     if out is not None:
         check_jsonl_output(out, overwrite)  # before reading the codebase
     records, summary = build_instructions(source, eval_fraction=eval_fraction)

@@ -27,6 +27,7 @@ from codeprune.data.calibration import check_window_sizes
 from codeprune.errors import ConfigError
 from codeprune.evaluation.efficiency import efficiency_report, energy_tracker, measure_speed
 from codeprune.evaluation.perplexity import perplexity, perplexity_remapped, protocol
+from codeprune.methods import METHODS, is_structured
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
 from codeprune.models.dtypes import parse_dtype
@@ -47,7 +48,7 @@ from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
-from codeprune.workflows.common import _as_loaded, peak_rss_mb
+from codeprune.workflows.common import as_loaded, peak_rss_mb
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
@@ -160,8 +161,6 @@ def _as_recipe(method, sparsity, pattern, ratio, recipe, target, min_count,
 
 def _method_stage(method: str, sparsity, pattern, ratio, options: dict) -> Stage:
     """The one stage of ``--method``: unstructured methods take sparsity/pattern, structured ones ratio."""
-    from codeprune.methods import METHODS, is_structured
-
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}': choose one of {', '.join(sorted(METHODS))}")
     options = {k: v for k, v in options.items() if v is not None}
@@ -181,8 +180,6 @@ def _method_stage(method: str, sparsity, pattern, ratio, options: dict) -> Stage
 
 def _changes_shapes(recipe: Recipe) -> bool:
     """Whether some stage removes parameters (the dense batch-1 speed is then worth measuring)."""
-    from codeprune.methods import is_structured
-
     return any(s.kind in ("vocab", "layers") or is_structured(s.method) for s in recipe.stages)
 
 
@@ -194,7 +191,7 @@ def _prepare(model, calib: str, samples: int, seq_len: int, seed: int, text_fiel
         raise ConfigError(f"eval_windows must be >= 1, got {eval_windows}")
     check_window_sizes(samples, seq_len)
     corpus = read_source(calib, text_field=text_field)
-    lm = _as_loaded(model, dtype, seq_len)
+    lm = as_loaded(model, dtype, seq_len)
     calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
     held = None
     if eval_windows is not None:

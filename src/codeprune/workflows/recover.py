@@ -38,22 +38,26 @@ from pathlib import Path
 
 import torch
 
-from codeprune.data.instructions import EVAL_FRACTION, Example, read_instructions
+from codeprune.calibration.devices import place_model, resolve_device
+from codeprune.data import heldout_windows, read_source
+from codeprune.data.calibration import check_window_sizes
+from codeprune.data.instructions import EVAL_FRACTION, read_instructions
+from codeprune.data.prompts import Collator, encode_all
 from codeprune.errors import ConfigError, CorruptModelError
+from codeprune.evaluation.perplexity import perplexity, protocol
 from codeprune.models.adapters.base import DecoderAdapter
+from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
+from codeprune.models.counting import count_parameters, decoder_sparsity
 from codeprune.options import opt
-from codeprune.reporting.markdown import render
+from codeprune.outputs import check_output
+from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import LoraSettings, RecoverData, RecoverReport, Source, TrainingSettings
 from codeprune.reporting.writer import write_report
+from codeprune.workflows.common import load
 
 LORA_TARGETS = DecoderAdapter.sublayer_names  # canonical names; the adapter maps them to module names
-
-
 MASK_MIN_SPARSITY = 0.01  # a Linear with at least this share of exact zeros keeps them after the merge
-
-
-IGNORE = -100
 
 
 @dataclass
@@ -100,87 +104,6 @@ class RecoverConfig:
         self.targets = tuple(self.targets)
 
 
-def prompt_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """[(text, trained)]: the conversation cut at the assistant turns."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        segs, done = [], ""
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            try:
-                prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False,
-                                                       add_generation_prompt=True)
-                full = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False)
-            except Exception:  # the template refuses this conversation (roles, system turns): plain layout
-                break
-            if not (full.startswith(prompt) and prompt.startswith(done)):
-                break  # a template that rewrites earlier turns: fall back to the plain layout
-            segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-        else:
-            return segs
-    eos = tokenizer.eos_token or ""
-    segs = []
-    for m in messages:
-        if m["role"] == "system":
-            segs.append((m["content"].strip() + "\n\n", False))
-        elif m["role"] == "user":
-            segs.append((f"### Instruction:\n{m['content'].strip()}\n\n### Response:\n", False))
-        else:
-            segs.append((m["content"] + eos, True))
-            segs.append(("\n\n", False))
-    return segs
-
-
-def encode(tokenizer, messages: list[dict], seq_len: int) -> dict | None:
-    """{"input_ids", "labels"} with labels only on assistant tokens; None when truncation
-    leaves no assistant token."""
-    ids, labels = [], []
-    segs = prompt_segments(tokenizer, messages)
-    bos = tokenizer("", add_special_tokens=True)["input_ids"]
-    if bos and not (tokenizer.bos_token and segs and segs[0][0].startswith(tokenizer.bos_token)):
-        ids, labels = list(bos), [IGNORE] * len(bos)
-    for text, trained in segs:
-        t = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += t
-        labels += t if trained else [IGNORE] * len(t)
-    ids, labels = ids[:seq_len], labels[:seq_len]
-    if all(x == IGNORE for x in labels[1:]):
-        return None
-    return {"input_ids": ids, "labels": labels}
-
-
-class Collator:
-    """Pads a batch to its longest example (labels with -100)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: list[dict]) -> dict:
-        n = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, b in enumerate(batch):
-            k = len(b["input_ids"])
-            ids[i, :k] = torch.tensor(b["input_ids"])
-            labels[i, :k] = torch.tensor(b["labels"])
-            mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def encode_all(tokenizer, examples: list[Example], seq_len: int) -> tuple[list[dict], int]:
-    out, dropped = [], 0
-    for ex in examples:
-        enc = encode(tokenizer, ex.messages, seq_len)
-        if enc is None:
-            dropped += 1
-        else:
-            out.append(enc)
-    return out, dropped
-
-
 def sparse_masks(lm, mode: str = "auto") -> dict[str, torch.Tensor]:
     """{module name: bool mask of the kept weights} of the decoder Linears to keep sparse."""
     if mode == "never":
@@ -210,9 +133,6 @@ class RecoverResult:
 
 
 def _perplexity(lm, held, device) -> float | None:
-    from codeprune.calibration.devices import place_model
-    from codeprune.evaluation.perplexity import perplexity
-
     if held is None:
         return None
     place_model(lm, device)
@@ -281,8 +201,6 @@ def _start(model: str, data: str, out, cfg: RecoverConfig, overwrite: bool, stat
 def _inputs(lm, data: str, instructions, cfg: RecoverConfig, corpus, eval_windows: int,
             ppl_seq_len: int) -> _Inputs:
     """Split and encode the instruction set; cut the held-out perplexity windows."""
-    from codeprune.data import heldout_windows
-
     train_ex, eval_ex = instructions.split(cfg.eval_fraction)
     train_set, dropped_train = encode_all(lm.tokenizer, train_ex, cfg.seq_len)
     eval_set, dropped_eval = encode_all(lm.tokenizer, eval_ex, cfg.seq_len)
@@ -366,13 +284,6 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     ``RecoverResult.report`` is report.json's content (reporting/schema.py ``RecoverReport``)."""
     from accelerate import PartialState
 
-    from codeprune.calibration.devices import resolve_device
-    from codeprune.data import read_source
-    from codeprune.data.calibration import check_window_sizes
-    from codeprune.models.counting import decoder_sparsity
-    from codeprune.outputs import check_output
-    from codeprune.workflows.common import load
-
     cfg = _config(config, options)
     out = check_output(out, overwrite)
     check_window_sizes(eval_windows, ppl_seq_len)
@@ -408,10 +319,6 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
 def _report(merged, cfg: RecoverConfig, inputs: _Inputs, trained: _Trained, before: dict, masks: dict,
             dev, processes: int, resume: str | None, chat_template: bool) -> RecoverReport:
     """report.json of a recovery (docs/recovery.md "Output")."""
-    from codeprune.evaluation.perplexity import protocol
-    from codeprune.models.checkpoint import needs_modeling_file
-    from codeprune.models.counting import count_parameters, decoder_sparsity
-
     out, history = trained.train_out, trained.history
     eval_curve = [[0, trained.eval_before]] if trained.eval_before is not None else []
     return RecoverReport(
@@ -443,8 +350,6 @@ def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
     """A fresh copy of ``model`` with the adapter merged in (and its zeros restored)."""
     from peft import PeftModel
 
-    from codeprune.workflows.common import load
-
     lm = load(model, dtype=dtype)
     try:
         peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir))
@@ -459,9 +364,6 @@ def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
 def _save(lm, out: Path, overwrite: bool, report: RecoverReport, adapter_dir: Path,
           save_dtype: str | None = None) -> Path:
     from functools import partial
-
-    from codeprune.models.checkpoint import save_checkpoint
-    from codeprune.reporting.model_card import render_model_card
 
     def extra(folder: Path) -> None:
         write_report(folder, report, measure_disk=True)  # before adapter/ and loss.png land
@@ -493,6 +395,3 @@ def _plot_losses(report: RecoverReport, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-# The name the CLI used before reporting.markdown.render: report.md of a recovery.
-render_recover_markdown = render

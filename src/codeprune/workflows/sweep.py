@@ -1,4 +1,4 @@
-"""Language-specific sub-models (Puccioni et al., ALGORITHMS.md §1): one pruning per calibration language.
+"""Language-specific sub-models (Puccioni et al.): one pruning per calibration language.
 
     codeprune sweep --model qwen2.5-coder-0.5b --method wanda --sparsity 0.5 \\
         --calib-langs python,java,cpp,javascript --out runs/langs
@@ -38,6 +38,7 @@ from codeprune.models.checkpoint import save_checkpoint
 from codeprune.models.counting import count_parameters, linear_sparsity
 from codeprune.models.loading import LoadedModel
 from codeprune.outputs import check_output, write_atomically
+from codeprune.reporting.analysis import compare_runs
 from codeprune.reporting.masks import decoder_linears, model_masks, save_masks
 from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
@@ -50,7 +51,7 @@ from codeprune.reporting.schema import (
     SweepReport,
 )
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import peak_rss_mb
+from codeprune.workflows.common import as_loaded, peak_rss_mb
 
 DEFAULT_LANGS = "python,java,cpp,javascript"
 
@@ -126,14 +127,12 @@ def _check(method: str, sparsity: float, pattern: str, method_options: dict):
 def _prepare(model, pruner, calib: dict, evals: dict, *, samples: int, seq_len: int, seed: int,
              eval_windows: int, device: str, batch_size: int, text_field: str, dtype) -> _Sweep:
     """Read the sources (fail fast), load the model once, build every window set once."""
-    from codeprune.workflows.common import _as_loaded
-
     check_window_sizes(samples, seq_len)
     check_window_sizes(eval_windows, seq_len)
     dev = resolve_device(device)
     specs = dict.fromkeys([*calib.values(), *evals.values()])
     corpora = {spec: read_source(spec, text_field=text_field) for spec in specs}
-    lm = _as_loaded(model, dtype, seq_len)
+    lm = as_loaded(model, dtype, seq_len)
     place_model(lm, dev)
     tok = lm.tokenizer
     held = {lang: heldout_windows(tok, corpora[spec], seq_len=seq_len, max_windows=eval_windows)
@@ -238,8 +237,6 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
 
 def _compare(path: Path, langs: list[str]) -> str | None:
     """``codeprune compare`` over the members, into ``path/compare``; None (and a warning) on failure."""
-    from codeprune.reporting.analysis import compare_runs
-
     try:
         return compare_runs([path / lang for lang in langs], out=path / "compare")["out"]
     except Exception as e:  # the sweep itself is saved: say so rather than lose it

@@ -1,9 +1,12 @@
 """What every structured method shares: units, structure search, budget, compensation.
 
 A structured method scores the *input channels* of the two output projections:
-o_proj (a head's head_dim channels) and down_proj (one FFN channel each). It
-implements one function, ``channel_scores(module, linears, stats)``; this module
-turns the scores into a ``structure.StructurePlan``:
+o_proj (a head's head_dim channels) and down_proj (one FFN channel each). A
+``ChannelScoreMethod`` implements one function, ``channel_scores(module, linears,
+stats)``; a ``ModelScoreMethod`` scores every layer at once from a gradient pass.
+This module holds their base classes, the shared options and the scope; the
+driver (prune.py, with units.py, search.py and plan.py) turns the scores into a
+``plan.StructurePlan``:
 
 - Units. FFN: one channel (row of gate/up, column of down). Attention, under
   grouped-query attention (``head_unit``):
@@ -20,7 +23,7 @@ turns the scores into a ``structure.StructurePlan``:
 - Structure. ``uniform`` (UL-UM): every layer loses the same share of heads and
   channels. ``adaptive`` (AL-AM): all units of the model are pooled and the
   lowest-scoring removed until the budget is met; each layer keeps its best
-  attention unit and its best channel (see structure.py, "Empty layers").
+  attention unit and its best channel (see plan.py, "Empty layers").
 - Budget. ``ratio`` is the fraction of decoder-layer parameters removed (norms
   and biases included; embeddings and lm_head never change); unit weights come
   from the real shapes. Added compensation biases are counted, and one

@@ -1,7 +1,7 @@
 """FLAP (An et al., AAAI 2024) and the two baselines of its paper, Wanda-sp and magnitude-sp.
 
 Each scores the input channels of o_proj (a head's channels) and down_proj (FFN
-channels); methods/structured.py does the rest (units, structure, budget, bias
+channels); the structured driver (methods/structured/) does the rest (units, structure, budget, bias
 compensation). For an input channel j of a projection W (out x in) with input X:
 
     flap  wifv (default)  Var_n(X_nj) * ||W_:,j||^2      the fluctuation metric

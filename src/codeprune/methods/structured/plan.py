@@ -27,7 +27,7 @@ Config after surgery (see docs/structured.md):
   num_key_value_heads, intermediate_size, head_dim) of the same ``model_type``;
 - layers that differ -> ``per_layer_config`` (transformers' heterogeneous-config
   convention) plus ``auto_map`` to ``modeling_codeprune.py``, which
-  ``export.save_checkpoint`` writes beside the weights;
+  ``models.checkpoint.save_checkpoint`` writes beside the weights;
 - compensation biases use the family's own bias flags where it has them
   (Llama: attention_bias / mlp_bias, the other projections get zero biases) so
   the checkpoint stays plain; otherwise ``codeprune_extra_bias`` lists the
@@ -44,6 +44,7 @@ import torch
 
 from codeprune.errors import ConfigError
 from codeprune.models.adapters.base import DecoderAdapter
+from codeprune.models.counting import count_parameters
 
 logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").setLevel(logging.ERROR)
 
@@ -142,8 +143,6 @@ class StructurePlan:
     def param_count(self, lm) -> dict[str, int]:
         """{"total", "decoder"}: the parameters the model will have after ``apply_plan_``
         (tied embeddings once), computed from shapes only."""
-        from codeprune.models.counting import count_parameters
-
         a = lm.adapter
         total_now = count_parameters(lm.model)[0]
         _, gain, _ = self.new_biases(a)

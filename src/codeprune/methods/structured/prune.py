@@ -32,9 +32,9 @@ from codeprune.methods.structured.base import (
 )
 from codeprune.methods.structured.plan import StructurePlan, bias_storage, decoder_param_count
 from codeprune.methods.structured.search import (
-    _build,
-    _counting_plan,
     adaptive_counts,
+    build_plan,
+    counting_plan,
     uniform_counts,
 )
 from codeprune.methods.structured.surgery import apply_layer_, apply_plan_
@@ -88,11 +88,11 @@ def prune_structured_(lm, method: StructuredMethod, input_ids: torch.Tensor | No
     if counts is None:
         counts = adaptive_counts(lm, scores, cfg, kind)
         desired = round((1 - cfg.ratio) * decoder_param_count(a))
-        excess = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"] - desired
+        excess = counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"] - desired
         if excess > 0:  # the compensation biases: remove that much more
             counts = adaptive_counts(lm, scores, cfg, kind, budget_shift=excess)
     if plan is None:
-        plan = _build(lm, scores, counts, kind, cfg)
+        plan = build_plan(lm, scores, counts, kind, cfg)
     plan.gradients = grads
     plan.notes.append(f"head unit: {kind}")
     if cfg.scope != (0.0, 1.0):

@@ -1,4 +1,13 @@
-"""search."""
+"""How many attention units and FFN channels each layer loses.
+
+``uniform_counts``: every layer in the scope loses the same share of its
+parameters (FLAP's UL-UM, LLM-Pruner's setting). ``adaptive_counts``: all units
+of the model are pooled and the weakest removed until the budget is met (FLAP's
+AL-AM; scores standardised per layer and module, or compared per parameter for
+Taylor's loss estimates). Counts are checked against the budget with a plan that
+only counts parameters (``counting_plan``); ``build_plan`` turns counts and scores into
+the plan.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +21,14 @@ from codeprune.methods.structured.base import (
 )
 from codeprune.methods.structured.plan import StructurePlan, decoder_param_count
 from codeprune.methods.structured.units import (
-    _z,
     attention_units,
     layer_plan,
     unit_weights,
+    zscore,
 )
 
 
-def _counting_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool) -> StructurePlan:
+def counting_plan(lm, counts: list[tuple[int, int]], kind: str, compensation: bool) -> StructurePlan:
     """A plan with the given removal counts, for ``param_count``: which units go does not
     change the count, so no scores and no compensation values are computed."""
     a = lm.adapter
@@ -83,7 +92,7 @@ def _correct(lm, counts, cfg, kind, in_scope: set[int]) -> list[tuple[int, int]]
     counts of the layers in the scope."""
     a = lm.adapter
     decoder = decoder_param_count(a)
-    planned = _counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
+    planned = counting_plan(lm, counts, kind, cfg.compensation).param_count(lm)["decoder"]
     excess = planned - round((1 - cfg.ratio) * decoder)  # > 0: remove a little more
     out = []
     for i, ((n_u, n_c), layer) in enumerate(zip(counts, a.layers(), strict=True)):
@@ -113,12 +122,12 @@ def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: 
             continue
         w_unit, w_ch = unit_weights(a.linears(layer), a.head_dim, sc.n_kv, sc.n_rep, kind)
         if sc.standardise:
-            head_z = _z(sc.head_channels).view(len(sc.head), -1).mean(1)  # FLAP: standardise, then mean
+            head_z = zscore(sc.head_channels).view(len(sc.head), -1).mean(1)  # FLAP: standardise, then mean
             units = attention_units(head_z, sc.n_kv, sc.n_rep, kind)
             if cfg.units != "ffn":
                 pool += [(u[0], w_unit, i, "attn") for u in units[:-1]]  # the best unit always stays
             if cfg.units != "heads":
-                z = _z(sc.channel).sort().values
+                z = zscore(sc.channel).sort().values
                 pool += [(float(v), w_ch, i, "mlp") for v in z[:-1].tolist()]
         else:
             units = attention_units(sc.head, sc.n_kv, sc.n_rep, kind, sc.kv, sc.agg)
@@ -140,7 +149,7 @@ def adaptive_counts(lm, scores: list[LayerScores], cfg: StructuredConfig, kind: 
     return [tuple(c) for c in counts]
 
 
-def _build(lm, scores, counts, kind, cfg) -> StructurePlan:
+def build_plan(lm, scores, counts, kind, cfg) -> StructurePlan:
     a = lm.adapter
     plan = StructurePlan.dense(a)
     plan.layers = [layer_plan(sc, a.linears(layer), a.head_dim, kind, n_u, n_c, cfg.compensation)

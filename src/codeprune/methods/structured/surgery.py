@@ -1,4 +1,12 @@
-"""surgery."""
+"""Surgery: the one place that changes shapes and the config of a structurally pruned model.
+
+``apply_plan_`` slices every layer to its ``LayerPlan`` (q/k/v rows, o columns,
+gate/up rows, down columns; kept query heads laid out group by group so GQA's
+mapping holds), adds the compensation biases, and writes the new sizes into the
+config: the family's vanilla fields when every layer has the same size, else
+``per_layer_config`` plus ``auto_map`` to the modeling file (models/checkpoint.py).
+Depth (methods/depth.py) and vocabulary (methods/vocab.py) have their own surgery.
+"""
 
 from __future__ import annotations
 

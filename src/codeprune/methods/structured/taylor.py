@@ -1,6 +1,6 @@
 """LLM-Pruner (Ma et al., NeurIPS 2023): Taylor importance of coupled structures.
 
-Groups (the same units and GQA rules as FLAP, methods/structured.py):
+Groups (the same units and GQA rules as FLAP, methods/structured/units.py):
 - a query head h: rows h*d..(h+1)*d of q_proj (and its bias), columns of o_proj;
 - a KV head g (removed with its whole group, ``--head-unit group``): rows of
   k_proj and v_proj (and biases);

@@ -1,4 +1,12 @@
-"""units."""
+"""Units of structured pruning and one layer's plan.
+
+An FFN unit is one channel (row of gate/up, column of down). An attention unit,
+under grouped-query attention, is one query head from every KV group (``query``)
+or a whole KV group (``group``): ``head_unit_kind`` picks it, ``attention_units``
+ranks the units of a layer by score, ``unit_weights`` counts their parameters from
+the real shapes, and ``layer_plan`` removes the weakest ones (with the bias
+compensation of the removed inputs' mean contribution).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from codeprune.methods.structured.base import (
 from codeprune.methods.structured.plan import LayerPlan
 
 
-def _z(x: torch.Tensor) -> torch.Tensor:
+def zscore(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     if x.numel() < 2:
         return torch.zeros_like(x)
