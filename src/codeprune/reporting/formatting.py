@@ -5,6 +5,7 @@
     fmt(True)            -> "yes"
     fmt(None)            -> ""           (an empty table cell)
     fmt(0.5, ".3f")      -> "0.500"      (an explicit format spec wins)
+    megabytes(2**20)     -> "1.0 MB"     (sizes: MB of 2**20 bytes, as peak memory is measured)
 """
 
 from __future__ import annotations
@@ -23,3 +24,8 @@ def fmt(value, spec: str | None = None) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def megabytes(n_bytes: int | float) -> str:
+    """A size in MB (2**20 bytes), one decimal: the unit of every size in codeprune's reports."""
+    return f"{n_bytes / 2**20:,.1f} MB"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from codeprune.reporting.formatting import fmt
+from codeprune.reporting.formatting import fmt, megabytes
 from codeprune.reporting.schema import (
     EvalReport,
     PruneReport,
@@ -157,13 +157,13 @@ def _structure_lines(r: PruneReport) -> list[str]:
 
 
 def _efficiency_lines(eff) -> list[str]:
-    disk = f"{fmt(eff.disk_bytes / 2**20, '.1f')} MB" if eff.disk_bytes else "n/a"
+    disk = megabytes(eff.disk_bytes) if eff.disk_bytes else "n/a"
     peak = "max allocated" if str(eff.device).startswith("cuda") else "RSS"
     speeds = [[b.removeprefix("batch_"), fmt(sp["prefill_tok_s"], ".1f"), fmt(sp["decode_tok_s"], ".1f")]
               for b, sp in eff.speed.items()]
     lines = ["", "## Efficiency", "",
              f"Parameters {fmt(eff.params_total)} ({fmt(eff.params_nonzero)} non-zero); disk {disk}; "
-             f"in memory {fmt(eff.bytes_in_memory / 2**20, '.1f')} MB; peak memory "
+             f"in memory {megabytes(eff.bytes_in_memory)}; peak memory "
              f"{fmt(eff.peak_memory_mb, '.0f')} MB ({peak}); MACs/token {fmt(eff.macs_per_token)} dense, "
              f"{fmt(eff.macs_per_token_nonzero)} non-zero (context {eff.macs_context}).", "",
              *table(["batch", "prefill tok/s", "decode tok/s"], speeds)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import yaml
 
-from codeprune.reporting.formatting import fmt
+from codeprune.reporting.formatting import fmt, megabytes
 from codeprune.reporting.markdown import kv_table
 
 
@@ -125,7 +125,7 @@ def _figures(r: dict, dtype: str | None) -> list[tuple[str, object]]:
                 ("parameters removed", _pct(ratio)),
                 ("perplexity dense -> pruned", _arrow(r.get("ppl_dense"), r.get("ppl_pruned")))]
     rows += [("weights", f"{dtype} safetensors" if dtype else None),
-             ("size on disk", f"{disk / 1e6:,.1f} MB" if disk else None)]
+             ("size on disk", megabytes(disk) if disk else None)]
     return rows
 
 
