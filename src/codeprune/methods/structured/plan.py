@@ -1,4 +1,4 @@
-"""The structure plan and surgery: the one place that changes shapes and the config.
+"""The structure plan: what every layer keeps, and the model it leads to (surgery.py applies it).
 
 A structured method (FLAP, Wanda-sp, ...) produces a ``StructurePlan``: for every
 decoder layer, the attention heads and FFN channels it keeps and the compensation
