@@ -10,6 +10,7 @@ methods/structured/prune.py runs it for the methods that ask for a gradient pass
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -71,6 +72,84 @@ def _checkpointing(model, on: bool) -> None:
         model.disable_input_require_grads()
 
 
+class _Accumulator:
+    """Float32 sums of the hooked parameters' gradients (and squared gradients), folded in by
+    post-accumulate hooks that free each gradient at once, and the input statistics of the
+    output projections, recorded during the forward passes only."""
+
+    def __init__(self, params: dict[str, nn.Parameter], second_order: bool):
+        def zeros():
+            return {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in params.items()}
+
+        self.sums = zeros()
+        self.squares = zeros() if second_order else None
+        self.stats: dict[str, ChannelStats] = {}
+        self.recording = False  # True during a forward pass (not checkpointing's recomputation)
+        self.handles = []
+        for key, p in params.items():
+            p.requires_grad_(True)
+            self.handles.append(p.register_post_accumulate_grad_hook(self._fold(key)))
+
+    def _fold(self, key: str):
+        def hook(p):
+            g = p.grad.float()
+            self.sums[key].add_(g)
+            if self.squares is not None:
+                self.squares[key].addcmul_(g, g)
+            p.grad = None  # free it now: only one gradient exists at a time
+        return hook
+
+    def hook_inputs(self, lm, layers: list[int]) -> None:
+        """Record the inputs of the output projections (o_proj, down_proj) of ``layers``."""
+        a = lm.adapter
+        outputs = (*a.roles["attention_output"], *a.roles["mlp_output"])
+        for i in layers:
+            lin = a.linears(a.layers()[i])
+            for name in outputs:
+                self.handles.append(lin[name].register_forward_pre_hook(self._collect(f"{i}.{name}")))
+
+    def _collect(self, key: str):
+        def pre_hook(module, args):
+            if self.recording:
+                self.stats.setdefault(key, ChannelStats(moments=True)).add_batch(args[0].detach())
+        return pre_hook
+
+    def remove(self) -> None:
+        self.recording = False
+        for h in self.handles:
+            h.remove()
+
+    def means(self, n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        for t in (*self.sums.values(), *(self.squares or {}).values()):
+            t.div_(n)
+        return self.sums, self.squares
+
+
+@contextlib.contextmanager
+def _frozen(model, checkpointing: bool):
+    """Every parameter frozen (the accumulator unfreezes its own), training mode with activation
+    checkpointing when asked; the model's flags, mode and cache setting restored afterwards."""
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    use_cache = getattr(model.config, "use_cache", None)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if checkpointing:
+            _checkpointing(model, True)
+            model.train()  # transformers checkpoints only in training mode (dropout is 0 in these models)
+        yield
+    finally:
+        if checkpointing:
+            _checkpointing(model, False)
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
 def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_order: bool = False,
                   checkpointing: bool = True, device="cpu", input_stats: bool = False,
                   backward: bool = True) -> GradientPass:
@@ -85,77 +164,27 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
     params = prunable_parameters(lm, layers) if backward else {}
     checkpointing = checkpointing and backward and not _checkpointing_on(model)
     dev = place_model(lm, device)
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    sums = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in params.items()}
-    squares = ({k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in params.items()}
-               if second_order else None)
-    stats: dict[str, ChannelStats] = {}
-    recording = [False]
-    handles = []
-
-    def fold(key):
-        def hook(p):
-            g = p.grad.float()
-            sums[key].add_(g)
-            if squares is not None:
-                squares[key].addcmul_(g, g)
-            p.grad = None  # free it now: only one gradient exists at a time
-        return hook
-
-    def collect(key):
-        def pre_hook(module, args):
-            if recording[0]:
-                stats.setdefault(key, ChannelStats(moments=True)).add_batch(args[0].detach())
-        return pre_hook
-
-    was_training = model.training
-    use_cache = getattr(model.config, "use_cache", None)
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for key, p in params.items():
-            p.requires_grad_(True)
-            handles.append(p.register_post_accumulate_grad_hook(fold(key)))
-        if input_stats:
-            a = lm.adapter
-            outputs = (*a.roles["attention_output"], *a.roles["mlp_output"])  # o_proj, down_proj
-            for i in layers:
-                lin = a.linears(a.layers()[i])
-                for name in outputs:
-                    handles.append(lin[name].register_forward_pre_hook(collect(f"{i}.{name}")))
-        if checkpointing:
-            _checkpointing(model, True)
-            model.train()  # transformers checkpoints only in training mode (dropout is 0 in these models)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        start, total_loss = time.perf_counter(), 0.0
-        n = input_ids.shape[0]
-        for k in tqdm(range(n), desc="taylor gradients" if backward else "taylor statistics", unit="sample"):
-            ids = input_ids[k:k + 1].to(dev)
-            recording[0] = True
-            with torch.set_grad_enabled(backward):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            recording[0] = False
-            if backward:
-                loss.backward()
-            total_loss += float(loss.detach())
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    finally:
-        recording[0] = False
-        for h in handles:
-            h.remove()
-        if checkpointing:
-            _checkpointing(model, False)
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-            p.grad = None
-    for t in sums.values():
-        t.div_(n)
-    if squares is not None:
-        for t in squares.values():
-            t.div_(n)
-    return GradientPass(sums, squares, n, seconds, total_loss / n, peak, stats)
+    n, total_loss = input_ids.shape[0], 0.0
+    with _frozen(model, checkpointing):
+        acc = _Accumulator(params, second_order)
+        try:
+            if input_stats:
+                acc.hook_inputs(lm, layers)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            start, desc = time.perf_counter(), "taylor gradients" if backward else "taylor statistics"
+            for k in tqdm(range(n), desc=desc, unit="sample"):
+                ids = input_ids[k:k + 1].to(dev)
+                acc.recording = True
+                with torch.set_grad_enabled(backward):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                acc.recording = False
+                if backward:
+                    loss.backward()
+                total_loss += float(loss.detach())
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        finally:
+            acc.remove()
+    grad, fisher = acc.means(n)
+    return GradientPass(grad, fisher, n, seconds, total_loss / n, peak, acc.stats)
