@@ -11,7 +11,7 @@ every kept token's BPE merge, recursively, so every kept token can still be
 produced. The rebuilt BPE keeps a merge only if its two parts and its result
 survive, in the original order of ranks.
 
-Guarantees (tests/test_vocab.py):
+Guarantees (tests/methods/test_vocab.py):
 - any text encodes and decodes back to itself (the base alphabet stays);
 - on the corpus, the pruned tokenizer produces the same token strings as the
   original: every merge the original applied to a corpus word produced a kept

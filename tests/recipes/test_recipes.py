@@ -14,7 +14,7 @@ from codeprune.cli import main
 from codeprune.errors import ConfigError
 from codeprune.recipes.spec import builtin_recipes, load_recipe, parse_recipe
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 DEEP = dict(num_hidden_layers=6, intermediate_size=128)
 

@@ -13,7 +13,7 @@ from codeprune.data.instructions import read_instructions
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.workflows.distill import DistillConfig, answer_code, prompt_of, similarity
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 ROWS = [
     {"id": "a", "instruction": "Add two numbers.", "output": "def add(a, b):\n    return a + b\n",

@@ -16,7 +16,7 @@ from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import write_report
 from codeprune.workflows.sweep import parse_languages
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 def test_masks_round_trip_bit_packed(tmp_path):

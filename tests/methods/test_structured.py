@@ -20,7 +20,7 @@ from codeprune.methods.structured.units import attention_units
 from codeprune.models.checkpoint import MODELING_FILE, save_checkpoint
 from codeprune.models.counting import count_parameters
 
-from .conftest import ARCHS, make_tiny
+from ..conftest import ARCHS, make_tiny
 
 GQA = dict(num_attention_heads=8, num_key_value_heads=2)  # 4 query heads per KV head, head_dim 8
 

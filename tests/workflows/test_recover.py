@@ -17,7 +17,7 @@ from codeprune.methods.unstructured.base import prune_model_
 from codeprune.models.checkpoint import save_checkpoint
 from codeprune.workflows.recover import RecoverConfig, recover, sparse_masks
 
-from .conftest import _tokenizer, make_tiny
+from ..conftest import _tokenizer, make_tiny
 
 QUICK = dict(max_steps=4, batch_size=4, grad_accum=1, seq_len=96, lr=5e-3, eval_fraction=0.2)
 

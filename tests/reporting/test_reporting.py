@@ -26,7 +26,7 @@ from codeprune.reporting.schema import (
 )
 from codeprune.reporting.writer import read_report, write_report
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 def _reports() -> list:

@@ -18,7 +18,7 @@ from codeprune.methods.unstructured.base import prune_model_
 from codeprune.models.checkpoint import disk_bytes, resolve_save_dtype, save_checkpoint
 from codeprune.reporting.model_card import render_model_card
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 def test_pruned_checkpoint_reloads_with_identical_logits(tiny_any, random_ids, tmp_path):

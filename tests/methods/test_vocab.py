@@ -10,7 +10,7 @@ from codeprune.errors import ConfigError
 from codeprune.methods.vocab import count_tokens, prune_vocab_, select_vocab
 from codeprune.models.checkpoint import save_checkpoint
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 CORPUS = ["def f(x):\n    return x\n", "print(1)\n", "x = 1 + 1\n"]
 ARBITRARY = ["héllo wörld", "emoji 🚀🐍 and 你好, Привет, مرحبا", "tabs\tand\r\nnewlines ∑ x² — «»",

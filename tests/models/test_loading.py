@@ -18,7 +18,7 @@ from codeprune.models.checkpoint import save_checkpoint
 from codeprune.models.loading import load_model, resolve
 from codeprune.models.offline import OFFLINE_MODELS
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 @pytest.fixture(autouse=True)

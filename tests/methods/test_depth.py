@@ -15,7 +15,7 @@ from codeprune.methods.depth import block_influence, choose_layers, remove_layer
 from codeprune.methods.structured.prune import prune_structured_
 from codeprune.models.checkpoint import save_checkpoint
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 def ids(n=4, length=16, seed=0):

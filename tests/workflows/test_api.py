@@ -7,7 +7,7 @@ import pytest
 
 import codeprune
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from codeprune.methods.structured.units import attention_units
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 GQA = dict(num_attention_heads=8, num_key_value_heads=2)  # 4 query heads per KV head, head_dim 8
 FULL = (0.0, 1.0)

@@ -23,7 +23,7 @@ from codeprune.models.counting import count_parameters
 from codeprune.options import opt
 from codeprune.recipes.spec import parse_recipe
 
-from .conftest import TINY, make_tiny
+from ..conftest import TINY, make_tiny
 
 
 @dataclass

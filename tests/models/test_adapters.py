@@ -11,7 +11,7 @@ from codeprune.errors import ConfigError, UnsupportedArchitectureError
 from codeprune.models.adapters import ADAPTERS, DecoderAdapter, get_adapter, supported_model_types
 from codeprune.models.checkpoint import modeling_file_text, pruned_model_class
 
-from .conftest import ARCHS, make_tiny
+from ..conftest import ARCHS, make_tiny
 
 ROLES = ("attention_inputs", "attention_output", "mlp_inputs", "mlp_output")
 

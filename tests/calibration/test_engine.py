@@ -6,7 +6,7 @@ import torch
 from codeprune.calibration.engine import calibrate_layers, capture_layer_inputs
 from codeprune.calibration.stats import ChannelStats
 
-from .conftest import make_tiny
+from ..conftest import make_tiny
 
 # Families that mix sliding-window and full-attention layers: each layer gets its own mask.
 MIXED = {
