@@ -13,6 +13,7 @@ import codeprune
 from codeprune.cli import main
 from codeprune.errors import ConfigError
 from codeprune.recipes.spec import builtin_recipes, load_recipe, parse_recipe
+from codeprune.reporting.provenance import display_name
 
 from ..conftest import make_tiny
 
@@ -134,7 +135,7 @@ def test_vocab_stage_then_layers_with_remapped_windows(code_dir, tmp_path):
     # eval with the original's tokenizer reproduces the recipe's comparable perplexity
     calib = f"python:{code_dir}"
     scores = codeprune.evaluate(str(res.out), ppl=[calib], seq_len=32, windows=2, efficiency=False,
-                                ppl_tokenizer=str(tmp_path / "orig"))["perplexity"][calib]
+                                ppl_tokenizer=str(tmp_path / "orig"))["perplexity"][display_name(calib)]
     assert scores["ppl"] == pytest.approx(r["ppl_pruned"], rel=1e-4)
     assert scores["model_tokens"] > scores["tokens"] and "per its tokens" in scores["protocol"]
     with pytest.raises(ConfigError, match="not a pruned version"):

@@ -125,9 +125,10 @@ def test_one_number_formatter():
 
 
 def _strings(value, where="report"):
-    """(where, string) for every string value of a parsed JSON document."""
+    """(where, string) for every string value and key of a parsed JSON document."""
     if isinstance(value, dict):
         for k, v in value.items():
+            yield where, k
             yield from _strings(v, f"{where}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -137,7 +138,7 @@ def _strings(value, where="report"):
 
 
 def _absolute(path: Path) -> list[tuple[str, str]]:
-    return [(w, s) for w, s in _strings(json.loads(path.read_text())) if s.startswith("/")]
+    return [(w, s) for w, s in _strings(json.loads(path.read_text())) if s.startswith("/") or ":/" in s]
 
 
 def _folder_model(tmp_path: Path, tiny_tokenizer) -> str:

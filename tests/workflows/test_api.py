@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import codeprune
+from codeprune.reporting.provenance import display_name
 
 from ..conftest import make_tiny
 
@@ -35,7 +36,7 @@ def test_prune_report_checkpoint_evaluate(tiny_tokenizer, code_dir, tmp_path, me
     assert json.loads((res.out / "report.json").read_text()) == json.loads(json.dumps(r))
 
     scores = codeprune.evaluate(str(res.out), ppl=[calib], seq_len=32, windows=4)
-    assert scores["perplexity"][calib]["ppl"] == pytest.approx(r["ppl_pruned"], rel=1e-5)
+    assert scores["perplexity"][display_name(calib)]["ppl"] == pytest.approx(r["ppl_pruned"], rel=1e-5)
     assert scores["sparsity"] == pytest.approx(r["sparsity_actual"])
 
 

@@ -63,8 +63,10 @@ def _nll_sum(adapter, hidden: torch.Tensor, target: torch.Tensor, *, normed: boo
     return total
 
 
-def protocol(windows: TokenWindows) -> str:
-    return (f"held-out split of '{windows.source}' ({windows.n_documents} files, never used for "
+def protocol(windows: TokenWindows, source: str | None = None) -> str:
+    """How ``windows`` were cut and scored, in words; ``source``: how to name their source (a
+    report passes the spec without local paths)."""
+    return (f"held-out split of '{source or windows.source}' ({windows.n_documents} files, never used for "
             f"calibration; each file contributes one slice of at most {windows.seq_len} tokens at a "
             f"fixed pseudo-random offset), "
             f"{windows.samples} non-overlapping windows of {windows.seq_len} tokens, stride "

@@ -121,7 +121,8 @@ def _perplexities(lm: LoadedModel, corpora, *, seq_len: int, windows: int, dev, 
             scores = perplexity_remapped(lm, held, remap, desc=f"ppl {corpus.spec}")
         else:
             scores = perplexity(lm, held, desc=f"ppl {corpus.spec}", offload_device=dev if offload else None)
-        results[corpus.spec] = PerplexityScore(**scores, language=lang, protocol=protocol(held) + note)
+        key = display_name(corpus.spec)  # no absolute local path in the report
+        results[key] = PerplexityScore(**scores, language=lang, protocol=protocol(held, key) + note)
     return results
 
 

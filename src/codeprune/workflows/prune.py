@@ -207,8 +207,10 @@ def _report(lm, rec: Recipe, target, single: bool, stages: list[dict], dense: di
     uses_data = any(stage_uses_data(s) for s in rec.stages)
     ppl_protocol = None
     if held is not None:
-        ppl_protocol = protocol(held) + ("; after a vocab stage, per original token (the same text, "
-                                         "re-tokenized by the pruned tokenizer)" if state.remap else "")
+        ppl_protocol = protocol(held, display_name(held.source))
+        if state.remap:
+            ppl_protocol += ("; after a vocab stage, per original token (the same text, re-tokenized by the "
+                             "pruned tokenizer)")
     report = {
         "model": display_name(lm.name), "method": rec.name if single else f"recipe:{rec.name}",
         "params_dense": dense["params"], "params_total": total, "params_nonzero": nonzero,

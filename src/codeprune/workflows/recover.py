@@ -339,7 +339,7 @@ def _report(merged, cfg: RecoverConfig, inputs: _Inputs, trained: _Trained, befo
                     "eval": eval_curve + [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h]},
         eval_loss_before=trained.eval_before, eval_loss_after=trained.eval_after,
         ppl_before=before["ppl"], ppl_after=_perplexity(merged, inputs.held, dev),
-        ppl_protocol=protocol(inputs.held) if inputs.held is not None else None,
+        ppl_protocol=None if inputs.held is None else protocol(inputs.held, display_name(inputs.held.source)),
         sparsity_before=before["sparsity"], sparsity_after=decoder_sparsity(merged), masks_kept=len(masks),
         params_total=count_parameters(merged.model)[0],
         export="trust_remote_code" if needs_modeling_file(merged.model.config) else "plain", device=str(dev),

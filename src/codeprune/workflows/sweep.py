@@ -109,7 +109,8 @@ class _Sweep:
 
     def score_all(self, tag: str) -> dict[str, PerplexityScore]:
         return {lang: PerplexityScore(**perplexity(self.lm, w, desc=f"ppl {tag} on {lang}"), language=lang,
-                                      source=display_name(self.evals[lang]), protocol=protocol(w))
+                                      source=display_name(self.evals[lang]),
+                                      protocol=protocol(w, display_name(w.source)))
                 for lang, w in self.held.items()}
 
 
