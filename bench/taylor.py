@@ -38,7 +38,7 @@ import codeprune  # noqa: E402
 from codeprune.calibration.gradients import prunable_parameters
 from codeprune.data.calibration import HELDOUT_FRACTION, unit_hash  # noqa: E402
 from codeprune.data.instructions import build_instructions, write_jsonl  # noqa: E402
-from codeprune.methods import taylor  # noqa: E402
+from codeprune.methods.structured import prune as structured_driver  # noqa: E402  (runs the pass)
 from codeprune.methods.structured.base import scope_layers
 from codeprune.workflows.recover import RecoverConfig, recover
 
@@ -98,7 +98,7 @@ def main() -> None:
     print(f"recovery data: {len(records)} pairs from the stdlib's calibration split")
 
     measured: dict = {}
-    real_pass = taylor.gradient_pass
+    real_pass = structured_driver.gradient_pass
 
     def measured_pass(*a, **kw):
         with PeakRSS() as mem:
@@ -106,7 +106,7 @@ def main() -> None:
         measured.update(rss_extra_mb=mem.extra_mb, cuda_peak_mb=out.peak_memory_mb)
         return out
 
-    taylor.gradient_pass = measured_pass
+    structured_driver.gradient_pass = measured_pass
     base = codeprune.load(args.model)
     rows = []
     for imp in args.importances.split(","):

@@ -176,3 +176,23 @@ def test_prune_eval_and_sweep_reports_hold_no_absolute_paths(tiny_tokenizer, std
     assert member["efficiency"]["disk_bytes"] > weights  # the checkpoint's files, through save_checkpoint
     assert (out / "python" / "masks.safetensors").is_file() and (out / "python" / "config.json").is_file()
     assert codeprune.load(str(out / "python")).model.config.model_type == "llama"
+
+
+def test_sanitised_sources_hold_only_the_schema_fields():
+    from dataclasses import fields
+
+    from codeprune.reporting.provenance import SOURCE_FIELDS, sanitise_source
+    from codeprune.reporting.schema import Source
+
+    assert SOURCE_FIELDS == {f.name for f in fields(Source)}
+    src = sanitise_source({"kind": "folder", "path": "/x/y", "something_new": 1, "note": "n"}, "/x/y")
+    assert Source.from_dict(src).note == "n" and "something_new" not in src
+
+
+def test_the_recorded_command_has_no_local_path(monkeypatch):
+    from codeprune.reporting import provenance
+
+    monkeypatch.setattr(provenance, "_command", None)  # restored afterwards
+    provenance.set_command(["prune", "--calib", "python:/home/u/src", "--out", "/tmp/x/run"])
+    command = provenance.provenance()["command"]
+    assert "/home/u" not in command and "/tmp/x" not in command and "--calib python:" in command

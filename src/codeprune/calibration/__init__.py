@@ -1,4 +1,4 @@
-"""Running models for the methods: the only layer that moves tensors between devices.
+"""Running models for the methods: this layer places models, layers and activations on devices.
 
 engine.py      sequential calibration, one decoder layer at a time (optionally offloaded)
 gradients.py   the whole-model gradient pass (LLM-Pruner)

@@ -1,7 +1,7 @@
 """Devices: resolve a user's ``--device`` and place a whole model there.
 
 The workflows place models for evaluation; the engine and the gradient pass place
-what they run. Methods never move tensors.
+what they run. Methods never place models, layers or data.
 """
 
 from __future__ import annotations

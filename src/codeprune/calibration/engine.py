@@ -28,8 +28,9 @@ the decoder shares across layers (one mask per layer type, one rotary pair), so
 keeping them per layer costs no extra memory. Hidden states are kept for layer 0
 only; later layers get theirs from the previous layer's outputs.
 
-Only the engine moves tensors between devices; methods see
-modules and accumulators that already live where the compute happens.
+The engine places layers and activations (the gradient pass does the same for
+whole-model methods); methods see modules and accumulators that already live
+where the compute happens.
 Sequence length is whatever the calibration windows carry (the user's
 ``--seq-len``), never ``max_position_embeddings``.
 """

@@ -2,7 +2,7 @@
 
 Every accumulator has ``add_batch(x)`` with x of shape (..., in_features) and
 allocates its buffers on the device and in the precision it chooses, lazily,
-from the first batch (methods never move tensors themselves).
+from the first batch (beside the batch: methods never place anything themselves).
 """
 
 from __future__ import annotations

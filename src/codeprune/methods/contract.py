@@ -18,8 +18,9 @@ and implements the hooks of its kind (``UnstructuredMethod.make_stats`` /
 ``prune_``; ``StructuredMethod.channel_scores`` or ``model_scores``). One
 dispatcher, ``methods.dispatch.run_method``, runs any method: it checks the data
 and the device placement the method needs, runs the engine or the gradient pass,
-and returns a ``MethodResult``. A method never loads data and never moves
-tensors between devices. See docs/adding-a-method.md.
+and returns a ``MethodResult``. A method never loads data and never moves a model,
+a layer or data between devices (it only puts small tensors beside the weights it
+works on). See docs/adding-a-method.md.
 """
 
 from __future__ import annotations
@@ -87,11 +88,15 @@ class Method(ABC):
         return self.needs() is not Needs.NOTHING
 
 
-def check_inputs(method: Method, input_ids, offload: bool) -> None:
-    """ConfigError unless ``method`` can run with these inputs (called before any work)."""
-    needs = method.needs()
-    if offload and needs is Needs.GRADIENTS:
+def check_placement(method: Method, offload: bool) -> None:
+    """ConfigError when ``offload`` (one layer at a time on the device) cannot run ``method``."""
+    if offload and method.needs() is Needs.GRADIENTS:
         raise ConfigError(f"'{method.name}' back-propagates through the whole model, which must fit on "
                           "the device: drop --offload")
-    if needs is not Needs.NOTHING and input_ids is None:
+
+
+def check_inputs(method: Method, input_ids, offload: bool) -> None:
+    """ConfigError unless ``method`` can run with these inputs (called before any work)."""
+    check_placement(method, offload)
+    if method.needs() is not Needs.NOTHING and input_ids is None:
         raise ConfigError(f"method '{method.name}' needs calibration data")

@@ -4,8 +4,8 @@
     result.plan            # Produces.PLAN: the structure plan applied (shapes changed)
     result.pruned          # Produces.MASKS: the Linears masked in place (shapes kept)
 
-The prune workflow (a single method is a one-stage recipe), the recipe runner and
-the language sweep all call this; see methods/contract.py for the contract.
+The recipe runner (every prune: a single method is a one-stage recipe) and the
+language sweep call this; see methods/contract.py for the contract.
 """
 
 from __future__ import annotations

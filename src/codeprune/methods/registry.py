@@ -10,6 +10,8 @@ The CLI's ``--method`` choices and the recipe stages come from ``METHODS``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from codeprune.errors import ConfigError
 from codeprune.methods.contract import Method, Produces
 
@@ -35,6 +37,11 @@ def make_pruner(method: str, **options) -> Method:
     except TypeError as e:
         raise ConfigError(f"bad option for {method}: {e}") from None
     return cls(config)
+
+
+def option_default(method: str, name: str):
+    """The default of option ``name`` of ``method`` (its config dataclass's field default)."""
+    return next(f.default for f in dataclasses.fields(METHODS[method].config_class) if f.name == name)
 
 
 def is_structured(method: str) -> bool:

@@ -162,7 +162,7 @@ def _cast_state_dict(model, dtype: torch.dtype) -> dict | None:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
         if key not in cast:
-            cast[key] = t.detach().to(dtype)
+            cast[key] = t.detach().to("cpu", dtype)  # on the CPU: no second copy on the device
         out[name] = cast[key]
     return out
 

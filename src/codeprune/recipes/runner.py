@@ -73,8 +73,10 @@ def run_recipe(lm, recipe: Recipe, *, target: float | None, state: RecipeState,
         if score is not None:
             record["ppl"] = score(lm, state.remap)
         records.append(record)
-        tqdm.write(f"stage {k + 1}/{len(recipe.stages)} {stage.kind}: removed {before - after:,} parameters "
-                   f"({(before - after) / dense:.1%} of the dense model) in {seconds:.1f} s", file=sys.stderr)
+        if len(recipe.stages) > 1:  # a single method's one stage needs no progress line
+            tqdm.write(f"stage {k + 1}/{len(recipe.stages)} {stage.kind}: removed {before - after:,} "
+                       f"parameters ({(before - after) / dense:.1%} of the dense model) in {seconds:.1f} s",
+                       file=sys.stderr)
     return records
 
 
@@ -170,7 +172,8 @@ def _method_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
         actual, per_layer = linear_sparsity(lm.model, result.pruned)
         return fields | {"pruning": "unstructured", "pattern": method.config.pattern,
                          "sparsity_target": method.config.sparsity, "sparsity_actual": actual,
-                         "per_layer": per_layer}
+                         "per_layer": per_layer,
+                         "note": "zeroed weights are not removed parameters: not counted toward the target"}
     return fields | _plan_fields(lm, method, result, decoder)
 
 

@@ -25,7 +25,7 @@ Stages (every key besides ``stage`` is an option of that stage):
              Tokens are counted on the *calibration split* of each corpus (never
              its held-out files). Without ``share`` it removes every token used
              fewer than ``min_count`` times; with one it removes at most its
-             budget (rarest first, see ``vocab.select_vocab``) and never a token
+             budget (rarest first, see ``methods.vocab.select_vocab``) and never a token
              used ``min_count`` times or more.
 ``layers``   ``metric`` (kl, bi, bi-last), ``n`` (layers to remove) or ``share``,
              ``samples`` / ``tokens`` (calibration windows and tokens per window
@@ -60,9 +60,9 @@ Stages with a fixed amount (``n``, ``ratio``, a vocab stage without ``share``)
 remove what they remove, and the budgeted ones share the rest.
 
 After a ``vocab`` stage, the calibration windows are rewritten for the pruned
-tokenizer (same bytes, ``vocab.remap_ids``, cut back to the window length) and
+tokenizer (same bytes, ``methods.vocab.remap_ids``, cut back to the window length) and
 perplexity is measured on the original held-out windows per *original* token
-(``evaluate.perplexity.perplexity_remapped``), so every figure compares with the
+(``evaluation.perplexity.perplexity_remapped``), so every figure compares with the
 dense model's.
 """
 
@@ -72,7 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeprune.errors import ConfigError
-from codeprune.methods import METHODS, Needs, is_structured, make_pruner
+from codeprune.methods import METHODS, is_structured, make_pruner, option_default
+from codeprune.methods.contract import check_placement
 from codeprune.methods.depth import LAYER_METRICS
 from codeprune.options import opt, option_names
 
@@ -283,8 +284,9 @@ def stage_method(stage: Stage, ratio: float | None = None):
     """The configured method of a method / ffn / heads stage (``ratio``: what a structured stage
     removes, from its budget or its own ``ratio``)."""
     if is_structured(stage.method):
-        return make_pruner(stage.method, **structured_options(stage, stage.options.get("ratio", 0.1)
-                                                              if ratio is None else ratio))
+        if ratio is None:
+            ratio = stage.options.get("ratio", option_default(stage.method, "ratio"))
+        return make_pruner(stage.method, **structured_options(stage, ratio))
     options = {k: v for k, v in stage.options.items() if k not in ("share", "method")}
     return make_pruner(stage.method, **options)
 
@@ -296,16 +298,14 @@ def stage_uses_data(stage: Stage) -> bool:
 
 def check_offload(recipe: Recipe, offload: bool) -> None:
     """With ``offload`` (one layer at a time on the device), refuse the stages that need the whole
-    model on the device: the layer search (it compares full forward passes) and gradient methods."""
+    model on one device: the layer search (it compares full forward passes), the vocab stage (the
+    perplexity after it scores remapped windows on one device) and gradient methods."""
     if not offload:
         return
     for stage in recipe.stages:
-        if stage.kind == "layers":
-            raise ConfigError("a layers stage compares full forward passes, the whole model on one device: "
-                              "drop --offload")
-        if stage.kind != "vocab" and stage_method(stage).needs() is Needs.GRADIENTS:
-            raise ConfigError(f"'{stage.method}' back-propagates through the whole model, which must fit on "
-                              "the device: drop --offload")
+        if stage.kind in ("layers", "vocab"):
+            raise ConfigError(f"a {stage.kind} stage runs the whole model on one device: drop --offload")
+        check_placement(stage_method(stage), offload)
 
 
 def check_budget(recipe: Recipe, target: float | None) -> None:

@@ -22,13 +22,18 @@ from pathlib import Path
 
 from codeprune.version import __version__
 
+# the fields of schema.Source (tests/reporting/test_reporting.py checks they agree)
+SOURCE_FIELDS = frozenset({"kind", "name", "base_model", "license", "model_type", "dtype", "upstream",
+                           "quantization", "sha256", "note"})
+
 _command: str | None = None
 
 
 def set_command(argv: list[str]) -> None:
-    """Remember the command line of this run (``argv`` without the program name)."""
+    """Remember the command line of this run (``argv`` without the program name), with local
+    absolute paths shown as ``display_name`` shows them (reports hold no local paths)."""
     global _command
-    _command = shlex.join(["codeprune", *argv])
+    _command = shlex.join(["codeprune", *(display_name(a) for a in argv)])
 
 
 def _version(dist: str) -> str | None:
@@ -103,6 +108,6 @@ def sanitise_source(origin: dict | None, name: str) -> dict:
         shown = name
     else:  # a folder: the name as given, unless it is an absolute path
         shown = display_name(name)
-    origin.pop("alias", None)
-    extra = {k: display_name(v) if isinstance(v, str) else v for k, v in origin.items()}
+    known = SOURCE_FIELDS - {"kind", "name"}  # what else an origin holds is not reported
+    extra = {k: display_name(v) if isinstance(v, str) else v for k, v in origin.items() if k in known}
     return {"kind": kind, "name": shown, **extra}

@@ -27,7 +27,7 @@ from codeprune.data.calibration import check_window_sizes
 from codeprune.errors import ConfigError
 from codeprune.evaluation.efficiency import efficiency_report, energy_tracker, measure_speed
 from codeprune.evaluation.perplexity import perplexity, perplexity_remapped, protocol
-from codeprune.methods import METHODS, is_structured
+from codeprune.methods import METHODS, is_structured, option_default
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
 from codeprune.models.dtypes import parse_dtype
@@ -52,7 +52,7 @@ from codeprune.workflows.common import as_loaded, peak_rss_mb
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
-                     "removed_params", "removed_fraction", "seconds", "ppl")
+                     "removed_params", "removed_fraction", "seconds", "ppl", "note")
 
 
 @dataclass
@@ -168,11 +168,12 @@ def _method_stage(method: str, sparsity, pattern, ratio, options: dict) -> Stage
         if sparsity is not None or pattern != "unstructured":
             raise ConfigError(f"'{method}' removes heads and channels: give --ratio (the fraction of "
                               "decoder-layer parameters removed), not --sparsity / --pattern")
-        options["ratio"] = 0.2 if ratio is None else ratio
+        options["ratio"] = option_default(method, "ratio") if ratio is None else ratio
     else:
         if ratio is not None:
             raise ConfigError(f"--ratio is for the structured methods; '{method}' takes --sparsity")
-        options.update(sparsity=0.5 if sparsity is None else sparsity, pattern=pattern)
+        options.update(sparsity=option_default(method, "sparsity") if sparsity is None else sparsity,
+                       pattern=pattern)
     stage = Stage(method, options)
     check_stage(stage, f"method '{method}'")
     return stage
@@ -218,7 +219,8 @@ def _report(lm, rec: Recipe, target, single: bool, stages: list[dict], dense: di
         "calibration": {**calib_set.describe(), "source": display_name(calib_set.source),
                         "text_field": text_field} if uses_data else None,
         "ppl_dense": dense["ppl"], "ppl_pruned": ppl_pruned, "ppl_protocol": ppl_protocol,
-        "seconds_prune": seconds, "peak_rss_mb": peak_rss_mb(), "device": str(device),
+        "seconds_prune": stages[0]["seconds"] if single else seconds,  # the method alone, as before
+        "peak_rss_mb": peak_rss_mb(), "device": str(device),
         "source": sanitise_source(lm.origin, lm.name),
         "export": "trust_remote_code" if needs_modeling_file(lm.model.config) else "plain",
         "energy_prune": energy or None,
@@ -239,9 +241,21 @@ def _report(lm, rec: Recipe, target, single: bool, stages: list[dict], dense: di
         report["notes"].append(f"target {target:.1%} missed by {abs(actual - target):.1%}: the last budgeted "
                                "stage removes coarse units (whole layers), or a stage removed more than its "
                                "budget")
-    return report | {"pruning": "recipe", "recipe": rec.describe(), "target": target,
-                     "target_error": None if target is None else actual - target, "stages": stages,
-                     "dense_shape": dense["shape"], **_model_shape(lm), "structure_notes": notes}
+    records = [{k: v for k, v in st.items() if k != "per_layer"} for st in stages]  # per Linear: too long
+    return report | {"pruning": "recipe", "recipe": _no_paths(rec.describe()), "target": target,
+                     "target_error": None if target is None else actual - target,
+                     "stages": _no_paths(records), "dense_shape": dense["shape"], **_model_shape(lm),
+                     "structure_notes": notes}
+
+
+def _no_paths(value):
+    """``value`` (records of a recipe: its source, stage options, corpora) with every local absolute
+    path shown as reports show it (``reporting.provenance.display_name``)."""
+    if isinstance(value, dict):
+        return {k: _no_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_no_paths(v) for v in value)
+    return display_name(value) if isinstance(value, str) else value
 
 
 def _model_shape(lm) -> dict:

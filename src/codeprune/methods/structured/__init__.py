@@ -6,6 +6,6 @@ taylor.py    LLM-Pruner: Taylor importance of coupled structures from a gradient
 units.py     heads, GQA units and their parameter weights; one layer's plan
 search.py    how many units each layer loses: uniform or adaptive (global) structure
 plan.py      ``StructurePlan``: what each layer keeps, and the parameter count it leads to
-surgery.py   the one place that slices weights and rewrites the config
+surgery.py   the only code that slices heads and FFN channels and rewrites the config for them
 prune.py     the driver: score, search, plan, cut
 """

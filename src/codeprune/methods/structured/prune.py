@@ -81,6 +81,8 @@ def prune_structured_(lm, method: StructuredMethod, input_ids: torch.Tensor | No
         scores = method.model_scores(lm, grads, layers)
         if grads is not None:
             grads.grad, grads.fisher = {}, None  # the sums are spent: free them before surgery
+            if not request.backward:
+                grads = None  # a statistics-only pass (compensation means): no gradient pass to report
         plan, done = None, set()
     else:
         scores, plan, done = _score_layers(lm, method, input_ids, counts, kind, device=device,
