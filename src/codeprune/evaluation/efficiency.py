@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -107,8 +108,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Max CUDA memory allocated on a GPU; the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

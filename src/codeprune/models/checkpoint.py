@@ -25,7 +25,6 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,11 +32,9 @@ from codeprune.errors import UnsupportedArchitectureError
 from codeprune.models import pruned_modeling
 from codeprune.models.adapters import check_supported
 from codeprune.models.dtypes import dtype_name, parse_dtype
+from codeprune.models.loaded import LoadedModel
 from codeprune.models.offline import drop_gguf_names
 from codeprune.outputs import write_atomically
-
-if TYPE_CHECKING:  # loading imports this module
-    from codeprune.models.loading import LoadedModel
 
 logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").setLevel(logging.ERROR)
 

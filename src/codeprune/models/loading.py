@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from codeprune.errors import CorruptModelError, ModelNotFoundError
 from codeprune.models.adapters import check_supported, get_adapter
-from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.models.checkpoint import needs_modeling_file, pruned_model_class
 from codeprune.models.dtypes import DEQUANTIZED_DTYPE, config_dtype, parse_dtype
+from codeprune.models.loaded import LoadedModel
 from codeprune.models.offline import (
     OFFLINE_MODELS,
     SOURCE_FILE,
@@ -33,23 +31,6 @@ from codeprune.models.offline import (
     ensure_cached,
     gguf_cache,
 )
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM with its tokenizer and architecture adapter."""
-
-    model: nn.Module
-    tokenizer: object
-    adapter: DecoderAdapter
-    name: str  # what the user asked for
-    # kind, path, base_model, license, model_type, dtype (the source's), a note on quantized sources
-    origin: dict = field(default_factory=dict)
-
-    @property
-    def config(self):
-        return self.model.config
-
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

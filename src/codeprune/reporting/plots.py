@@ -1,4 +1,5 @@
-"""Plots (matplotlib, PNG, no display needed): heatmaps for ``compare``, scatter plots for ``report``."""
+"""Plots (matplotlib, PNG, no display needed): heatmaps for ``compare``, scatter plots for ``report``,
+loss curves for ``recover``."""
 
 from __future__ import annotations
 
@@ -55,5 +56,22 @@ def scatter(points: list[tuple[str, float, float]], path: str | Path, *, title: 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def loss_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, *, title: str) -> Path:
+    """Loss against step, one line per curve (``{"train": [(step, loss)], "eval": [...]}``)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if name == "eval" else None,
+                    label=f"{name} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -261,7 +261,7 @@ class PruneReport(Report):
     per_layer: dict | None = _opt()  # module name -> sparsity
     # structured
     structure: str | None = _opt()
-    compensation: str | None = _opt()
+    compensation: bool | None = _opt()
     ratio_target: float | None = _opt()
     ratio_actual_decoder: float | None = _opt()
     params_decoder_dense: int | None = _opt()

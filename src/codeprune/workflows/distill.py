@@ -33,6 +33,7 @@ one and an instruction set (.jsonl or hf:, Alpaca or chat, as ``recover`` reads 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 import time
@@ -209,8 +210,6 @@ def _with_target(row: dict, target: str) -> dict:
     else:
         new["output"] = target
     if "id" not in new:  # keep the example's split stable: recover hashes the id
-        import hashlib
-
         new["id"] = hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()
     return new
 

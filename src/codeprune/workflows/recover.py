@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -363,35 +364,17 @@ def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
 
 def _save(lm, out: Path, overwrite: bool, report: RecoverReport, adapter_dir: Path,
           save_dtype: str | None = None) -> Path:
-    from functools import partial
-
     def extra(folder: Path) -> None:
         write_report(folder, report, measure_disk=True)  # before adapter/ and loss.png land
         # the Trainer's training_args.bin is a pickle: codeprune writes none (recover_options.json
         # and report.json hold the settings)
         shutil.copytree(adapter_dir, folder / "adapter", ignore=shutil.ignore_patterns("*.bin"))
-        _plot_losses(report, folder / "loss.png")
+        if report.loss_curve["train"] or report.loss_curve["eval"]:
+            from codeprune.reporting.plots import loss_curves  # matplotlib: only when a plot is drawn
+
+            loss_curves(report.loss_curve, folder / "loss.png",
+                        title=f"LoRA recovery of {Path(report.model).name}")
 
     return save_checkpoint(lm, out, overwrite=overwrite, extra=extra, card=partial(render_model_card, report),
                            save_dtype=save_dtype)
-
-
-def _plot_losses(report: RecoverReport, path: Path) -> None:
-    from codeprune.reporting.plots import plt
-
-    curves = report.loss_curve
-    if not curves["train"] and not curves["eval"]:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, pts in curves.items():
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if name == "eval" else None,
-                    label=f"{name} loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (response tokens)")
-    ax.set_title(f"LoRA recovery of {Path(report.model).name}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
