@@ -167,6 +167,12 @@ def _method_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
     ids = state.calib_ids if method.uses_data else None
     result = run_method(lm, method, ids, device=state.device, offload=state.offload,
                         batch_size=state.batch_size)
+    return method_record(lm, method, result, decoder)
+
+
+def method_record(lm, method, result, decoder_before: int) -> dict:
+    """What one method run did, in report fields: its options, then its sparsity (masks) or its
+    structure (plan). A single method's report and a sweep member carry these at the top level."""
     fields = {"method_options": dict(vars(method.config))}
     if result.produces is Produces.MASKS:
         actual, per_layer = linear_sparsity(lm.model, result.pruned)
@@ -174,7 +180,7 @@ def _method_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
                          "sparsity_target": method.config.sparsity, "sparsity_actual": actual,
                          "per_layer": per_layer,
                          "note": "zeroed weights are not removed parameters: not counted toward the target"}
-    return fields | _plan_fields(lm, method, result, decoder)
+    return fields | _plan_fields(lm, method, result, decoder_before)
 
 
 def _plan_fields(lm, method, result, decoder_before: int) -> dict:

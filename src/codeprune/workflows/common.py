@@ -10,7 +10,9 @@ import resource
 import torch
 
 from codeprune.errors import ConfigError
+from codeprune.models.counting import count_parameters
 from codeprune.models.loading import LoadedModel, load_model
+from codeprune.reporting.provenance import display_name, sanitise_source
 
 
 def load(model: str, *, dtype: str | torch.dtype = "float32") -> LoadedModel:
@@ -29,3 +31,18 @@ def as_loaded(model: str | LoadedModel, dtype, seq_len: int) -> LoadedModel:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def prune_header(lm: LoadedModel, *, params_dense: int, calibration, seconds: float, device) -> dict:
+    """The fields every prune report starts with (a prune run, a sweep member): the model and its
+    source without local paths, parameter counts, the calibration windows (``TokenWindows`` or
+    None when no data was used), the pruning time, memory and device."""
+    total, nonzero = count_parameters(lm.model)
+    calib = None
+    if calibration is not None:
+        calib = {**calibration.describe(), "source": display_name(calibration.source)}
+    return {"model": display_name(lm.name), "source": sanitise_source(lm.origin, lm.name),
+            "notes": [lm.origin["note"]] if lm.origin.get("note") else [],
+            "params_dense": params_dense, "params_total": total, "params_nonzero": nonzero,
+            "calibration": calib, "seconds_prune": seconds, "peak_rss_mb": peak_rss_mb(),
+            "device": str(device)}

@@ -45,10 +45,10 @@ from codeprune.recipes.spec import (
     stage_uses_data,
 )
 from codeprune.reporting.model_card import render_model_card
-from codeprune.reporting.provenance import display_name, sanitise_source
+from codeprune.reporting.provenance import display_name
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
-from codeprune.workflows.common import as_loaded, peak_rss_mb
+from codeprune.workflows.common import as_loaded, prune_header
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
@@ -212,20 +212,15 @@ def _report(lm, rec: Recipe, target, single: bool, stages: list[dict], dense: di
         if state.remap:
             ppl_protocol += ("; after a vocab stage, per original token (the same text, re-tokenized by the "
                              "pruned tokenizer)")
-    report = {
-        "model": display_name(lm.name), "method": rec.name if single else f"recipe:{rec.name}",
-        "params_dense": dense["params"], "params_total": total, "params_nonzero": nonzero,
-        "ratio_actual_total": 1 - total / dense["params"],
-        "calibration": {**calib_set.describe(), "source": display_name(calib_set.source),
-                        "text_field": text_field} if uses_data else None,
-        "ppl_dense": dense["ppl"], "ppl_pruned": ppl_pruned, "ppl_protocol": ppl_protocol,
-        "seconds_prune": stages[0]["seconds"] if single else seconds,  # the method alone, as before
-        "peak_rss_mb": peak_rss_mb(), "device": str(device),
-        "source": sanitise_source(lm.origin, lm.name),
-        "export": "trust_remote_code" if needs_modeling_file(lm.model.config) else "plain",
-        "energy_prune": energy or None,
-        "notes": [lm.origin["note"]] if lm.origin.get("note") else [],
-    }
+    report = prune_header(lm, params_dense=dense["params"], calibration=calib_set if uses_data else None,
+                          seconds=stages[0]["seconds"] if single else seconds,  # a method: its own time
+                          device=device)
+    report["calibration"] = report["calibration"] and {**report["calibration"], "text_field": text_field}
+    report |= {"method": rec.name if single else f"recipe:{rec.name}",
+               "ratio_actual_total": 1 - report["params_total"] / dense["params"],
+               "ppl_dense": dense["ppl"], "ppl_pruned": ppl_pruned, "ppl_protocol": ppl_protocol,
+               "export": "trust_remote_code" if needs_modeling_file(lm.model.config) else "plain",
+               "energy_prune": energy or None}
     notes = [n for st in stages for n in st.get("structure_notes", [])]
     if getattr(lm.model.config, "codeprune_extra_bias", None):
         notes.append(f"{lm.model.config.model_type} has no config flag for the compensation biases "

@@ -35,23 +35,22 @@ from codeprune.evaluation.efficiency import efficiency_report
 from codeprune.evaluation.perplexity import perplexity, protocol
 from codeprune.methods import is_structured, make_pruner, run_method
 from codeprune.models.checkpoint import save_checkpoint
-from codeprune.models.counting import count_parameters, linear_sparsity
+from codeprune.models.counting import count_parameters
 from codeprune.models.loading import LoadedModel
 from codeprune.outputs import check_output, write_atomically
+from codeprune.recipes.runner import method_record
 from codeprune.reporting.analysis import compare_runs
 from codeprune.reporting.masks import decoder_linears, model_masks, save_masks
 from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import (
-    Calibration,
-    Efficiency,
     PerplexityScore,
     PruneReport,
     Source,
     SweepReport,
 )
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import as_loaded, peak_rss_mb
+from codeprune.workflows.common import as_loaded, prune_header
 
 DEFAULT_LANGS = "python,java,cpp,javascript"
 
@@ -152,26 +151,20 @@ def _member(sw: _Sweep, lang: str, dense: dict[str, float], efficiency: bool) ->
     sw.restore_dense()
     start = time.perf_counter()
     ids = sw.calib_sets[lang].input_ids
-    pruned = run_method(lm, pruner, ids, device=sw.device, batch_size=sw.batch_size).pruned
+    result = run_method(lm, pruner, ids, device=sw.device, batch_size=sw.batch_size)
     seconds = time.perf_counter() - start
     scores = sw.score_all(f"{lang}-calibrated")
-    actual, per_layer = linear_sparsity(lm.model, pruned)
-    total, nonzero = count_parameters(lm.model)
-    windows = sw.calib_sets[lang]
-    calib = {**windows.describe(), "source": display_name(windows.source), "text_field": sw.text_field}
-    return PruneReport(
-        model=display_name(lm.name), source=Source.from_dict(sanitise_source(lm.origin, lm.name), "source"),
-        notes=[lm.origin["note"]] if lm.origin.get("note") else [],
-        method=pruner.name, pruning="unstructured", pattern=pruner.config.pattern,
-        sparsity_target=pruner.config.sparsity, sparsity_actual=actual, per_layer=per_layer,
-        method_options=dict(vars(pruner.config)), calibration=Calibration.from_dict(calib, "calibration"),
-        calibration_language=lang, params_total=total, params_nonzero=nonzero, params_dense=sw.params_dense,
-        perplexity=scores, perplexity_dense=dense,
-        ppl_pruned=scores[lang].ppl if lang in scores else None, ppl_dense=dense.get(lang),
-        ppl_protocol=scores[lang].protocol if lang in scores else None,
-        seconds_prune=seconds, peak_rss_mb=peak_rss_mb(), device=str(sw.device),
-        efficiency=Efficiency.from_dict(efficiency_report(lm), "efficiency") if efficiency else None,
-    )
+    header = prune_header(lm, params_dense=sw.params_dense, calibration=sw.calib_sets[lang], seconds=seconds,
+                          device=sw.device)
+    header["calibration"]["text_field"] = sw.text_field
+    fields = {k: v for k, v in method_record(lm, pruner, result, 0).items()  # masks: no decoder count
+              if k != "note"}
+    return PruneReport.from_dict(header | fields | {
+        "method": pruner.name, "calibration_language": lang,
+        "perplexity": {k: v.to_dict() for k, v in scores.items()}, "perplexity_dense": dense,
+        "ppl_pruned": scores[lang].ppl if lang in scores else None, "ppl_dense": dense.get(lang),
+        "ppl_protocol": scores[lang].protocol if lang in scores else None,
+        "efficiency": efficiency_report(lm) if efficiency else None}, "sweep member")
 
 
 def _save_member(sw: _Sweep, folder: Path, report: PruneReport, save_model: bool,
