@@ -140,7 +140,7 @@ def test_every_offline_alias_names_a_license():
 
 def test_gguf_metadata_of_the_offline_135m():
     spec = OFFLINE_MODELS["smollm2-135m"]
-    if not sources.is_installed(spec):
+    if not sources.is_installed(spec):  # as conftest's smollm2 fixture: `make install` installs it (CI does)
         pytest.skip(f"smollm2-135m not installed: {spec.pip_command}")
     path = sources._locate(spec, *spec.parts[0])
     assert sources.gguf_metadata(path) == {"license": "apache-2.0"}  # it names no base repository
