@@ -39,3 +39,19 @@ class CorpusError(CodepruneError):
 
 class OutputExistsError(CodepruneError):
     """The output folder exists and ``overwrite`` was not given."""
+
+
+class OutputWriteError(CodepruneError):
+    """An output cannot be written: no space left, a read-only file system, no permission.
+
+    Raised with nothing half-written (the temporary folder is removed)."""
+
+
+class Terminated(BaseException):  # noqa: N818 - named like KeyboardInterrupt, its sibling
+    """SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt so every ``finally`` runs.
+
+    The CLI installs the handlers (cli/__init__.py) and exits 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
