@@ -31,6 +31,7 @@ users of a shared machine can read a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -150,12 +151,13 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def check_output(out: str | Path, overwrite: bool, *, inputs=(), expected_bytes: float | None = None,
-                 kind: str = "folder") -> Path:
+                 kind: str = "folder", claim: bool = True) -> Path:
     """Refuse, before any work, an output that cannot be written; claim it for this process.
 
     ``inputs`` are the paths read (a model folder, a data file): the output may be
     neither inside one nor one of them. ``expected_bytes``: the size about to be
-    written, checked against the free space. ``kind``: "folder" or "file"."""
+    written, checked against the free space. ``kind``: "folder" or "file". ``claim``: False in
+    the processes of a distributed run that do not write (only rank 0 claims)."""
     out = Path(out).expanduser()
     if out.exists() or out.is_symlink():
         if kind == "folder" and not out.is_dir():
@@ -180,15 +182,10 @@ def check_output(out: str | Path, overwrite: bool, *, inputs=(), expected_bytes:
         if free < expected_bytes * 1.05 + 16 * 2**20:
             raise OutputWriteError(f"not enough space for {out}: about {_mb(expected_bytes)} needed, "
                                    f"{_mb(free)} free in {base}")
-    if out.parent.is_dir():
+    if out.parent.is_dir() and claim:
         _remove_stale_siblings(out.parent)
         _claim(out)
     return out
-
-
-def check_space(out: str | Path, expected_bytes: float) -> None:
-    """Refuse to start writing ``expected_bytes`` where there is not room for them."""
-    check_output(out, True, expected_bytes=expected_bytes)
 
 
 def _read_only(path: Path) -> bool:
@@ -244,6 +241,18 @@ def release(out: str | Path) -> None:
     if fd is not None:
         _lock_path(out).unlink(missing_ok=True)  # unlink while locked: no one can hold a stale inode
         os.close(fd)
+
+
+@contextlib.contextmanager
+def claims():
+    """Release, on the way out (normally or not), every output claimed inside the block:
+    a run that fails after its checks leaves no lock behind (workflows wrap themselves in it)."""
+    before = set(_HELD)
+    try:
+        yield
+    finally:
+        for key in [k for k in _HELD if k not in before]:
+            release(key)
 
 
 def _remove_if_unlocked(lock: Path) -> None:
@@ -314,9 +323,10 @@ def _is_io_error(e: Exception) -> bool:
     return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "os error" in str(e).lower())
 
 
-def write_atomically(out: str | Path, overwrite: bool, fill) -> Path:
-    """Call ``fill(tmp_folder)`` then move the folder to ``out`` (replacing it if allowed)."""
-    out = check_output(out, overwrite)
+def write_atomically(out: str | Path, overwrite: bool, fill, *, expected_bytes: float | None = None) -> Path:
+    """Call ``fill(tmp_folder)`` then move the folder to ``out`` (replacing it if allowed);
+    ``expected_bytes``: about what ``fill`` writes, checked against the free space first."""
+    out = check_output(out, overwrite, expected_bytes=expected_bytes)
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,16 +22,20 @@
 - commands.py: what each subcommand calls (``codeprune.api``; ``models`` lists the
   offline aliases, ``compare`` / ``report`` the views of reporting/analysis.py) and prints.
 
-Errors caused by input print one line on stderr and exit with code 2.
+Errors caused by input print one line on stderr and exit with code 2; so does an
+output that cannot be written (no space, read-only, no permission). SIGINT,
+SIGTERM and SIGHUP unwind the run (every temporary folder is removed on the way)
+and exit 130, 143 and 129: "codeprune: interrupted" / "codeprune: terminated".
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from codeprune.cli.commands import HANDLERS
 from codeprune.cli.parser import build_parser, chosen_command
-from codeprune.errors import CodepruneError
+from codeprune.errors import CodepruneError, Terminated
 
 __all__ = ["build_parser", "main"]
 
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     record_command(argv)
     args = build_parser(chosen_command(argv)).parse_args(argv)
+    previous = _terminate_on_signals()
     try:
         return HANDLERS[args.command](args)
     except CodepruneError as e:
@@ -48,6 +53,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("codeprune: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print("codeprune: terminated", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # one unwinding at a time: a second signal waits for it
+    raise Terminated(signum)
+
+
+def _terminate_on_signals() -> dict:
+    """SIGTERM and SIGHUP raise ``Terminated`` in the main thread, as SIGINT raises
+    KeyboardInterrupt, so ``finally`` blocks remove temporary folders on the way out. A
+    signal ignored when codeprune started (``nohup`` ignores SIGHUP) stays ignored."""
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue
+        try:
+            previous[signum] = signal.signal(signum, _raise_terminated)
+        except ValueError:  # not the main thread (main() called from a thread): leave them
+            pass
+    return previous
 
 
 def record_command(argv: list[str]) -> None:

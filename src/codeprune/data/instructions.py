@@ -37,7 +37,8 @@ from pathlib import Path
 
 from codeprune.data.calibration import unit_hash
 from codeprune.data.sources import is_stdlib_test, load_hf_dataset, read_source
-from codeprune.errors import ConfigError, CorpusError, OutputExistsError
+from codeprune.errors import ConfigError, CorpusError
+from codeprune.outputs import check_output, write_file_atomically
 
 ROLES = ("system", "user", "assistant")
 EVAL_FRACTION = 0.05
@@ -356,29 +357,12 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
 
 
 def check_jsonl_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing file (unless ``overwrite``) or a folder at ``out``."""
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise OutputExistsError(f"output path {out} is a folder: give a .jsonl file name")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output file {out} exists: pass --overwrite to replace it")
-    return out
+    """Refuse an existing file (unless ``overwrite``), a folder at ``out``, or a place that
+    cannot be written (outputs.check_output)."""
+    return check_output(out, overwrite, kind="file")
 
 
 def write_jsonl(records: list[dict], out: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``records`` one JSON object a line, atomically."""
-    import os
-    import tempfile
-
-    out = check_jsonl_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return write_file_atomically(out, overwrite, lambda f: f.writelines(lines))

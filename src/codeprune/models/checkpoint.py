@@ -110,7 +110,14 @@ def save_checkpoint(lm: LoadedModel, out: str | Path, *, overwrite: bool = False
                 needs_remote_code=needs_modeling_file(lm.model.config), dtype=dtype)
             (tmp / CARD_FILE).write_text(text, encoding="utf-8")
 
-    return write_atomically(out, overwrite, fill)
+    return write_atomically(out, overwrite, fill, expected_bytes=checkpoint_bytes(lm, save_dtype))
+
+
+def checkpoint_bytes(lm: LoadedModel, save_dtype: str | None = None) -> int:
+    """About the bytes ``save_checkpoint`` writes: every unique parameter and buffer that is
+    saved, in the save dtype (the tokenizer and config add little)."""
+    itemsize = torch.empty((), dtype=resolve_save_dtype(lm, save_dtype)).element_size()
+    return sum(p.numel() for p in lm.model.parameters()) * itemsize
 
 
 def write_model_files(lm: LoadedModel, folder: Path, *, save_dtype: str | None = None) -> str:

@@ -43,15 +43,15 @@ from pathlib import Path
 import torch
 
 from codeprune.calibration.devices import place_model, resolve_device
-from codeprune.data.instructions import check_jsonl_output, to_messages, write_jsonl
 from codeprune.data.instructions import read_rows as raw_rows
+from codeprune.data.instructions import to_messages, write_jsonl
 from codeprune.data.prompts import prompt_segments
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.evaluation.humaneval import generate_texts
 from codeprune.evaluation.sandbox import SandboxLimits, check_sandbox, run_programs
 from codeprune.models.loading import LoadedModel
 from codeprune.options import opt
-from codeprune.workflows.common import load
+from codeprune.workflows.common import check_out, load, releasing_outputs
 
 CRITERIA = ("auto", "tests", "match")
 
@@ -214,6 +214,7 @@ def _with_target(row: dict, target: str) -> dict:
     return new
 
 
+@releasing_outputs
 def distill_data(original: str | LoadedModel, pruned: str | LoadedModel, data: str, *,
                  out: str | Path | None = None, overwrite: bool = False, device: str = "cpu",
                  dtype: str | torch.dtype = "float32", **options) -> tuple[list[dict], dict]:
@@ -226,8 +227,7 @@ def distill_data(original: str | LoadedModel, pruned: str | LoadedModel, data: s
         cfg = DistillConfig(**options)
     except TypeError as e:
         raise ConfigError(f"bad distill-data option: {e}") from None
-    if out is not None:
-        check_jsonl_output(out, overwrite)
+    check_out(out, overwrite, original, pruned, data, kind="file")
     rows = read_rows(data, cfg.limit)  # fail fast on bad data, before loading two models
     if any(r.has_tests for r in rows) and cfg.criterion != "match":
         check_sandbox(SandboxLimits(timeout=cfg.timeout, memory_mb=cfg.memory_mb))

@@ -29,11 +29,11 @@ from codeprune.methods.vocab import id_map, make_remap
 from codeprune.models.checkpoint import needs_modeling_file
 from codeprune.models.counting import count_parameters, decoder_sparsity
 from codeprune.models.loading import LoadedModel, load_tokenizer
-from codeprune.outputs import check_output, write_atomically
+from codeprune.outputs import write_atomically
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import Efficiency, EvalReport, HumanEval, PerplexityScore, Source
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import as_loaded
+from codeprune.workflows.common import as_loaded, check_out, releasing_outputs
 
 
 @dataclass
@@ -142,6 +142,7 @@ def _efficiency(lm: LoadedModel) -> Efficiency:
     return Efficiency.from_dict(efficiency_report(lm, checkpoint=folder), "efficiency")
 
 
+@releasing_outputs
 def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[str, ...] | None = None,
              humaneval: bool | HumanEvalConfig = False, efficiency: bool = True, seq_len: int = 512,
              windows: int = 32, device: str = "cpu", text_field: str = "text", offload: bool = False,
@@ -162,8 +163,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     (evaluation/perplexity.py ``perplexity_remapped``), so the figure compares with the original's.
     Returns report.json's content (reporting/schema.py ``EvalReport``), plus "out" when written."""
     plan = _plan(model, ppl, humaneval, efficiency)
-    if out is not None:
-        check_output(out, overwrite)
+    check_out(out, overwrite, model, *(ppl or ()))
     dev = resolve_device(device)
     _read_sources(plan, model, seq_len, windows, text_field)
     name = model.name if isinstance(model, LoadedModel) else model

@@ -32,7 +32,6 @@ from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
 from codeprune.models.dtypes import parse_dtype
 from codeprune.models.loading import LoadedModel
-from codeprune.outputs import check_output
 from codeprune.recipes.runner import RecipeState, run_recipe
 from codeprune.recipes.spec import (
     Recipe,
@@ -48,7 +47,7 @@ from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
-from codeprune.workflows.common import as_loaded, prune_header
+from codeprune.workflows.common import as_loaded, check_out, prune_header, releasing_outputs, weights_bytes
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
@@ -62,6 +61,7 @@ class PruneResult:
     out: Path | None  # the checkpoint folder, when ``out`` was given
 
 
+@releasing_outputs
 def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: float | None = None,
           pattern: str = "unstructured", ratio: float | None = None, recipe=None,
           target: float | None = None, min_count: int | None = None, calib: str = "python-stdlib",
@@ -101,8 +101,8 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     check_offload(rec, offload)  # before minutes of loading and evaluation
     if save_dtype is not None:
         parse_dtype(save_dtype)
-    if out is not None:
-        check_output(out, overwrite)
+    expected = _expected_bytes(model, rec, target, single, save_dtype)
+    check_out(out, overwrite, model, calib, expected_bytes=expected)  # before loading anything
     dev = resolve_device(device)
     lm, corpus, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
                                            eval_windows if eval_ppl else None)
@@ -177,6 +177,17 @@ def _method_stage(method: str, sparsity, pattern, ratio, options: dict) -> Stage
     stage = Stage(method, options)
     check_stage(stage, f"method '{method}'")
     return stage
+
+
+def _expected_bytes(model, rec: Recipe, target, single: bool, save_dtype) -> float | None:
+    """About the checkpoint's size, known before loading: the source's weights (in the save
+    dtype) less the share the recipe or method removes (a lower bound: the exact size is
+    checked again before writing)."""
+    size = weights_bytes(model, save_dtype)
+    if size is None:
+        return None
+    removed = target if target is not None else rec.stages[0].options.get("ratio", 0.0) if single else 0.0
+    return size * (1.0 - removed)
 
 
 def _changes_shapes(recipe: Recipe) -> bool:

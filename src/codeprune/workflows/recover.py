@@ -50,12 +50,11 @@ from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters, decoder_sparsity
 from codeprune.options import opt
-from codeprune.outputs import check_output
 from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
 from codeprune.reporting.schema import LoraSettings, RecoverData, RecoverReport, Source, TrainingSettings
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import load
+from codeprune.workflows.common import check_out, load, releasing_outputs, weights_bytes
 
 LORA_TARGETS = DecoderAdapter.sublayer_names  # canonical names; the adapter maps them to module names
 MASK_MIN_SPARSITY = 0.01  # a Linear with at least this share of exact zeros keeps them after the merge
@@ -269,6 +268,7 @@ def _config(config: RecoverConfig | None, options: dict) -> RecoverConfig:
         raise ConfigError(f"bad recover option: {e}") from None
 
 
+@releasing_outputs
 def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | None = None,
             device: str = "auto", dtype: str = "float32", eval_ppl: str | None = "python-stdlib",
             eval_windows: int = 16, ppl_seq_len: int = 512, keep_checkpoints: bool = False,
@@ -286,7 +286,8 @@ def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | N
     from accelerate import PartialState
 
     cfg = _config(config, options)
-    out = check_output(out, overwrite)
+    out = check_out(out, overwrite, model, data, eval_ppl,
+                    expected_bytes=weights_bytes(model, save_dtype))
     check_window_sizes(eval_windows, ppl_seq_len)
     state = PartialState()
     work, options, resume = _start(model, data, out, cfg, overwrite, state)

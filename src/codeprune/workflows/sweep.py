@@ -37,7 +37,7 @@ from codeprune.methods import is_structured, make_pruner, run_method
 from codeprune.models.checkpoint import save_checkpoint
 from codeprune.models.counting import count_parameters
 from codeprune.models.loading import LoadedModel
-from codeprune.outputs import check_output, write_atomically
+from codeprune.outputs import write_atomically
 from codeprune.recipes.runner import method_record
 from codeprune.reporting.analysis import compare_runs
 from codeprune.reporting.masks import decoder_linears, model_masks, save_masks
@@ -50,7 +50,7 @@ from codeprune.reporting.schema import (
     SweepReport,
 )
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import as_loaded, prune_header
+from codeprune.workflows.common import as_loaded, check_out, prune_header, releasing_outputs, weights_bytes
 
 DEFAULT_LANGS = "python,java,cpp,javascript"
 
@@ -187,6 +187,7 @@ def _save_member(sw: _Sweep, folder: Path, report: PruneReport, save_model: bool
         fill(folder)
 
 
+@releasing_outputs
 def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, sparsity: float = 0.5,
           pattern: str = "unstructured", calib_langs: str | list[str] = DEFAULT_LANGS,
           eval_langs: str | list[str] | None = None, samples: int = 64, seq_len: int = 512, seed: int = 0,
@@ -199,7 +200,9 @@ def sweep(model: str | LoadedModel, method: str = "wanda", *, out: str | Path, s
     pruner = _check(method, sparsity, pattern, method_options)
     calib = parse_languages(calib_langs)
     evals = parse_languages(eval_langs) if eval_langs else dict(calib)
-    check_output(out, overwrite)
+    size = weights_bytes(model, save_dtype) if save_models else None
+    check_out(out, overwrite, model, *calib.values(), *evals.values(),
+              expected_bytes=size * len(calib) if size else None)
     sw = _prepare(model, pruner, calib, evals, samples=samples, seq_len=seq_len, seed=seed,
                   eval_windows=eval_windows, device=device, batch_size=batch_size, text_field=text_field,
                   dtype=dtype)
