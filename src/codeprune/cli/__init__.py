@@ -30,6 +30,7 @@ and exit 130, 143 and 129: "codeprune: interrupted" / "codeprune: terminated".
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except CodepruneError as e:
         print(f"codeprune: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _WRITE_FAULTS:  # a bug or an unexpected failure: keep its traceback
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"codeprune: error: cannot write{where}: {e.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("codeprune: interrupted", file=sys.stderr)
         return 130
@@ -59,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# faults of the machine, not of codeprune, met outside an atomic write (caches, training checkpoints)
+_WRITE_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def _raise_terminated(signum, frame) -> None:
