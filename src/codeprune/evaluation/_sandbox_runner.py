@@ -8,10 +8,16 @@ stdout. Layers, from the outside in:
 - this runner is a child subreaper (PR_SET_CHILD_SUBREAPER), so every process the
   program starts, even a double-forked daemon, stays its descendant and is killed
   at the end;
-- the program runs in a new session, in a new network namespace (only loopback)
-  where the OS allows, under rlimits (CPU seconds, address space, processes, file
-  size, open files, no core dumps), as a throwaway uid when the runner is root,
-  with a fresh working folder and an environment of its own (nothing inherited);
+- the program runs in a new session, in new network (only loopback) and mount
+  namespaces where the OS allows (root, or unprivileged user namespaces), inside
+  a minimal read-only root with private size-limited tmpfs at /tmp, /var/tmp,
+  /dev/shm and its working folder (``_sandbox_mounts.py``; a refused step leaves
+  the host's file system, and the result says which protections held), under
+  rlimits (CPU seconds, address space, processes, file size, open files, no core
+  dumps), as a throwaway uid when the runner is root, with an environment of its
+  own (nothing inherited);
+- SIGTERM (codeprune interrupted, or dead: PR_SET_PDEATHSIG) makes the runner
+  kill the program's whole tree, remove the folders it was given, and exit;
 - the program passes only if a driver reaches the end of it and writes a random
   nonce to a pipe that only the driver knows: ``sys.exit(0)`` or ``os._exit(0)``
   before the tests run cannot claim success. (A program written against this
@@ -24,15 +30,20 @@ import ctypes
 import json
 import os
 import resource
-import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves its folder out
+import _sandbox_mounts as _mounts  # noqa: E402  (standard library only, like this file)
+
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = _mounts.CLONE_NEWNS
 CLONE_NEWUSER = 0x10000000
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 
 # Runs inside the sandboxed interpreter. The nonce lives in a local of a function,
 # out of reach of the program's globals.
@@ -185,42 +196,154 @@ def _tail(path: str, limit: int = 2000) -> str:
         return ""
 
 
-def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # always clean up: the program ends within its timeout
-    job = json.load(sys.stdin)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    workdir, logdir = job["workdir"], job["logdir"]
+_STATE: dict = {"uid": None, "dirs": ()}  # what the SIGTERM handler cleans up
+
+
+def _on_terminate(signum, frame) -> None:
+    """codeprune is stopping (an interrupt) or died (PR_SET_PDEATHSIG): kill the program's
+    whole tree, remove the folders this runner was given, and go."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        _kill_descendants(_STATE["uid"])
+    finally:
+        for d in _STATE["dirs"]:
+            shutil.rmtree(d, ignore_errors=True)
+        os._exit(128 + signum)
+
+
+def _tie_to_parent(parent: int, libc) -> None:
+    """Get SIGTERM when codeprune dies. The kernel sends it when the *thread* that started
+    this runner exits: run_program's caller, or a pool thread of run_programs, which lives
+    until every program of the batch is over, so it never fires early."""
+    signal.signal(signal.SIGTERM, _on_terminate)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl
+        _on_terminate(signal.SIGTERM, None)
+
+
+def _isolate(job: dict, libc, source: bytes, root: bool) -> dict:
+    """In the child: new network and mount namespaces, then the minimal root. Never raises:
+    what fails is left as it is and reported."""
+    held = {"network_ns": False, "mount": False}
+    want_net = job.get("network_isolation", True)
+    want_mnt = job.get("mount_isolation", True)
+    flags = (CLONE_NEWNET if want_net else 0) | (CLONE_NEWNS if want_mnt else 0)
+    if not flags:
+        return held
+    userns = not root
+    if libc.unshare(flags | (CLONE_NEWUSER if userns else 0)) != 0 and want_mnt:
+        flags &= ~CLONE_NEWNS  # e.g. mount namespaces refused: try the network alone
+        if libc.unshare(flags | (CLONE_NEWUSER if userns else 0)) != 0:
+            return held
+    if userns:
+        _map_own_ids()
+    held["network_ns"] = bool(flags & CLONE_NEWNET)
+    if flags & CLONE_NEWNS:
+        try:
+            held.update(_mounts.enter_minimal_root(
+                workdir=job["workdir"], source=source, uid=job.get("uid"),
+                prefixes=job.get("prefixes", []), tmpfs_bytes=int(job.get("tmpfs_bytes", 32 << 20))))
+        except OSError as e:
+            held["mount_error"] = str(e)[:200]
+    return held
+
+
+def _map_own_ids() -> None:
+    """In a new user namespace: keep our own uid and gid (the program gets no capabilities)."""
+    uid, gid = os.getuid(), os.getgid()
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        try:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        except OSError:
+            pass
+
+
+def _limits(job: dict) -> None:
+    cpu = int(job["cpu_seconds"])
+    for which, value in [
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (job["memory_bytes"],) * 2),
+        (resource.RLIMIT_FSIZE, (job["file_bytes"],) * 2),
+        (resource.RLIMIT_NOFILE, (256, 256)),
+        (resource.RLIMIT_CORE, (0, 0)),
+        (resource.RLIMIT_NPROC, (job["max_processes"],) * 2),
+    ]:
+        resource.setrlimit(which, value)
+
+
+def _start(job: dict, libc, source: bytes, nonce_r: int, result_w: int, out, err):
+    """Start the driver in its sandbox: (Popen, {protection: held})."""
     uid = job.get("uid")
-    timeout = float(job["timeout"])
-    nonce = secrets.token_hex(16).encode()
-    nonce_r, nonce_w = os.pipe()
-    result_r, result_w = os.pipe()
-    os.write(nonce_w, nonce)
-    os.close(nonce_w)
     root = os.geteuid() == 0
+    setup_r, setup_w = os.pipe()  # the child says what held; closed before exec (not in pass_fds)
 
     def preexec() -> None:  # in the child, before exec: order matters
         os.setsid()
-        if job.get("network_isolation", True):
-            flags = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
-            libc.unshare(flags)  # failure leaves the network as is; the driver reports what it sees
-        cpu = int(job["cpu_seconds"])
-        limits = [
-            (resource.RLIMIT_CPU, (cpu, cpu + 1)),
-            (resource.RLIMIT_AS, (job["memory_bytes"],) * 2),
-            (resource.RLIMIT_FSIZE, (job["file_bytes"],) * 2),
-            (resource.RLIMIT_NOFILE, (256, 256)),
-            (resource.RLIMIT_CORE, (0, 0)),
-            (resource.RLIMIT_NPROC, (job["max_processes"],) * 2),
-        ]
-        for which, value in limits:
-            resource.setrlimit(which, value)
+        held = _isolate(job, libc, source, root)
+        os.write(setup_w, json.dumps(held).encode())
+        _limits(job)
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
         os.umask(0o077)
+
+    try:
+        proc = subprocess.Popen(
+            [job["python"], "-I", "-c", DRIVER, str(nonce_r), str(result_w)],
+            cwd=job["workdir"], env=job["env"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            pass_fds=(nonce_r, result_w), preexec_fn=preexec, close_fds=True,
+        )
+    finally:
+        os.close(setup_w)
+    os.set_blocking(setup_r, False)
+    try:
+        held = json.loads(os.read(setup_r, 65536) or b"{}")
+    except (BlockingIOError, ValueError):
+        held = {}
+    os.close(setup_r)
+    return proc, held
+
+
+def _status(job, lines, nonce, returncode, timed_out, cpu_used, seconds) -> tuple[str, str]:
+    exc = next((ln[4:] for ln in lines if ln.startswith("exc ")), None)
+    ok = any(ln == "ok " + nonce.decode() for ln in lines)
+    cpu_kill = not timed_out and not ok and (
+        returncode == -signal.SIGXCPU
+        or (returncode == -signal.SIGKILL and cpu_used >= int(job["cpu_seconds"]) - 0.05))
+    if timed_out:
+        return "timeout", f"wall-clock limit: killed after {seconds:.1f} s"
+    if cpu_kill:
+        return "timeout", f"CPU limit: killed after {seconds:.1f} s"
+    if ok and returncode == 0:
+        return "passed", ""
+    if exc and exc.startswith("AssertionError"):
+        return "failed", exc
+    if exc:
+        return "error", exc
+    if returncode < 0:
+        return "error", f"killed by signal {-returncode}"
+    return "error", f"exited with code {returncode} before the end of the program"
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # codeprune stops us with SIGTERM, not the terminal's ^C
+    libc = ctypes.CDLL(None, use_errno=True)
+    _tie_to_parent(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid(), libc)
+    job = json.load(sys.stdin)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    workdir, logdir = job["workdir"], job["logdir"]
+    uid = _STATE["uid"] = job.get("uid")
+    _STATE["dirs"] = (workdir, logdir)
+    with open(os.path.join(workdir, "program.py"), "rb") as f:
+        source = f.read()
+    timeout = float(job["timeout"])
+    nonce = os.urandom(16).hex().encode()  # (secrets would cost its imports)
+    nonce_r, nonce_w = os.pipe()
+    result_r, result_w = os.pipe()
+    os.write(nonce_w, nonce)
+    os.close(nonce_w)
 
     out_path, err_path = os.path.join(logdir, "stdout"), os.path.join(logdir, "stderr")
     start = time.monotonic()
@@ -228,12 +351,8 @@ def main() -> None:
     cpu_used = 0.0
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         try:
-            proc = subprocess.Popen(
-                [job["python"], "-I", "-c", DRIVER, str(nonce_r), str(result_w)],
-                cwd=workdir, env=job["env"], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                pass_fds=(nonce_r, result_w), preexec_fn=preexec, close_fds=True,
-            )
-        except OSError as e:
+            proc, held = _start(job, libc, source, nonce_r, result_w, out, err)
+        except (OSError, subprocess.SubprocessError) as e:
             json.dump({"status": "error", "detail": f"cannot start the sandbox: {e}"}, sys.stdout)
             return
         os.close(nonce_r)
@@ -264,28 +383,14 @@ def main() -> None:
 
     lines = report.splitlines()
     network = next((ln[4:] for ln in lines if ln.startswith("net ")), None)
-    exc = next((ln[4:] for ln in lines if ln.startswith("exc ")), None)
-    ok = any(ln == "ok " + nonce.decode() for ln in lines)
-    cpu_kill = not timed_out and not ok and (
-        returncode == -signal.SIGXCPU
-        or (returncode == -signal.SIGKILL and cpu_used >= int(job["cpu_seconds"]) - 0.05))
-    if timed_out:
-        status, detail = "timeout", f"wall-clock limit: killed after {seconds:.1f} s"
-    elif cpu_kill:
-        status, detail = "timeout", f"CPU limit: killed after {seconds:.1f} s"
-    elif ok and returncode == 0:
-        status, detail = "passed", ""
-    elif exc and exc.startswith("AssertionError"):
-        status, detail = "failed", exc
-    elif exc:
-        status, detail = "error", exc
-    elif returncode < 0:
-        status, detail = "error", f"killed by signal {-returncode}"
-    else:
-        status, detail = "error", f"exited with code {returncode} before the end of the program"
+    status, detail = _status(job, lines, nonce, returncode, timed_out, cpu_used, seconds)
+    protections = {"network": bool(held.pop("network_ns", False)) and network == "lo"}
+    protections.update({k: bool(held.get(k)) for k in _mounts.PROTECTIONS})
+    protections["uid_drop"] = uid is not None
     json.dump({
         "status": status, "detail": detail, "returncode": returncode, "seconds": seconds,
         "network": network, "stdout": _tail(out_path), "stderr": _tail(err_path),
+        "protections": protections, "mount_error": held.get("mount_error"),
     }, sys.stdout)
 
 

@@ -207,7 +207,20 @@ def _humaneval_lines(he) -> list[str]:
             f"Programs: {st['passed']} passed, {st['failed']} failed, {st['timeout']} timed out, "
             f"{st['error']} errors. Sandbox: {box.get('timeout_s')} s, {box.get('memory_mb')} MB, "
             f"network {'isolated' if box.get('network_isolated') else 'NOT isolated'}, "
-            f"{'throwaway uid' if box.get('uid_drop') else 'same uid'}.", ""]
+            f"{'throwaway uid' if box.get('uid_drop') else 'same uid'}{_sandbox_files(box)}.", ""]
+
+
+def _sandbox_files(box: dict) -> str:
+    """What held of the sandbox's own file system (evaluation/sandbox.py), for the sandbox line."""
+    prot = box.get("protections")
+    if not prot:
+        return ""  # a report from before the mount namespace
+    if not prot.get("minimal_root"):
+        return ", host file system visible (no mount namespace)"
+    held = [name for key, name in (("private_tmp", "private /tmp, /var/tmp, /dev/shm"),
+                                   ("readonly_root", "read-only root"), ("private_proc", "private /proc"))
+            if prot.get(key)]
+    return ", minimal root (only the interpreter's files)" + "".join(", " + h for h in held)
 
 
 def _recover(r: RecoverReport) -> str:
