@@ -25,6 +25,15 @@ def cmd_models(args) -> int:
         install_offline(args.install)
         print(json.dumps({"installed": args.install}) if args.json else f"installed {args.install}")
         return 0
+    if args.verify is not None:
+        return _verify_cache(args)
+    if args.rebuild:
+        from codeprune.models.offline import rebuild
+
+        folder = rebuild(args.rebuild)
+        print(json.dumps({"rebuilt": args.rebuild, "cache": str(folder)}) if args.json
+              else f"rebuilt {args.rebuild}: {folder}")
+        return 0
     rows = [_model_row(spec) for spec in OFFLINE_MODELS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -40,6 +49,20 @@ def cmd_models(args) -> int:
         if not row["installed"]:
             print(f"{'':<22}get it: codeprune models --install {row['alias']}  (= {row['install']})")
     return 0
+
+
+def _verify_cache(args) -> int:
+    """One line per cache entry: ok / not cached / corrupt (which file, the rebuild command); exit 2
+    when one is corrupt."""
+    from codeprune.models.offline import verify_entries
+
+    rows = verify_entries(args.verify or None)
+    if args.json:
+        print(json.dumps([{"name": n, "status": s} for n, s in rows], indent=2))
+    else:
+        for name, status in rows:
+            print(f"{name}: {status}")
+    return 2 if any(s not in ("ok", "not cached") for _, s in rows) else 0
 
 
 def _model_row(spec) -> dict:

@@ -33,6 +33,12 @@ def _options_of(users: list[str]) -> str:
 
 def build_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("--install", metavar="NAME", help="pip-install the packages of an offline model")
+    p.add_argument("--verify", nargs="*", metavar="ALIAS",
+                   help="check the cache against its manifests (sha256), every entry when none is named; "
+                        "exit 2 if one is corrupt")
+    p.add_argument("--rebuild", metavar="ALIAS",
+                   help="rebuild the cache of an offline alias or a .gguf file (the old one stays until "
+                        "the new one is whole)")
     add_json(p, "the list")
 
 
@@ -173,6 +179,8 @@ COMMANDS: dict[str, Command] = {
         "codeprune models",
         "codeprune models --json",
         "codeprune models --install smollm2-135m",
+        "codeprune models --verify",
+        "codeprune models --rebuild smollm2-135m",
     ), build_models),
     "prune": Command("prune a model and save a checkpoint + report", (
         "codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50",

@@ -7,6 +7,11 @@ tokens). Logits are computed in chunks of tokens so a 150k vocabulary never
 materialises (B, L, V) at once, through the adapter (``adapter.logits``: final
 norm, lm_head and the family's logit soft-capping, as the model's own forward).
 
+A non-finite NLL (nan/inf logits: corrupt weights, or an overflow in float16) or a
+perplexity beyond float range raises NonFiniteOutputError naming the model, at the
+first batch that shows it: a report never holds ``nan``. Every perplexity codeprune
+reports (prune, sweep, recover, eval) comes from the two functions below.
+
     codeprune eval --model runs/wanda50 --ppl python-stdlib --seq-len 512
 """
 
@@ -20,9 +25,39 @@ from tqdm.auto import tqdm
 
 from codeprune.calibration.engine import forward_layers
 from codeprune.data.calibration import TokenWindows
+from codeprune.errors import CorruptModelError
 from codeprune.models.loading import LoadedModel
 
 _LOGIT_CHUNK = 512  # tokens per logits call: (512, vocab) float32 logits stay small
+
+
+class NonFiniteOutputError(CorruptModelError):
+    """A model whose logits (hence NLL or perplexity) are nan or inf on an evaluation source."""
+
+
+def check_finite(lm: LoadedModel, nll: float, source: str, what: str = "logits") -> None:
+    """Raise NonFiniteOutputError naming ``lm`` when ``nll`` (a sum or a mean) is nan or inf."""
+    if math.isfinite(nll):
+        return
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    hint = ("load it in float32 (--dtype float32), or check the checkpoint" if dtype != "float32"
+            else "check the checkpoint (a cached offline model: `codeprune models --verify`)")
+    raise NonFiniteOutputError(f"model '{lm.name}' gives non-finite {what} (nan/inf) on {source}: its "
+                               f"weights are corrupt or overflow in {dtype}; {hint}")
+
+
+def _where(windows: TokenWindows, desc: str) -> str:
+    """The source, and the caller's label of the pass when it has one ("ppl pruned")."""
+    return f"'{windows.source}'" + (f" ({desc})" if desc != "perplexity" else "")
+
+
+def _result(lm: LoadedModel, total_nll: float, tokens: int, source: str) -> tuple[float, float]:
+    """(nll per token, ppl), both finite, or NonFiniteOutputError."""
+    nll = total_nll / tokens
+    check_finite(lm, nll, source)
+    if nll > 700:  # exp overflows a float64 past ~709.8
+        check_finite(lm, math.inf, source, what=f"perplexity (NLL {nll:.0f} per token)")
+    return nll, math.exp(nll)
 
 
 @torch.no_grad()
@@ -48,8 +83,9 @@ def perplexity(lm: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
         target = ids[:, 1:].reshape(-1)
         total_nll += _nll_sum(adapter, hidden[:, :-1].reshape(-1, hidden.shape[-1]), target, normed=normed)
         total_tokens += target.numel()
-    nll = total_nll / total_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens,
+        check_finite(lm, total_nll, _where(windows, desc))  # stop at the first bad batch
+    nll, ppl = _result(lm, total_nll, total_tokens, _where(windows, desc))
+    return {"ppl": ppl, "nll": nll, "tokens": total_tokens,
             "windows": ids_all.shape[0], "seq_len": windows.seq_len}
 
 
@@ -91,7 +127,8 @@ def perplexity_remapped(lm: LoadedModel, windows: TokenWindows, remap, *, desc: 
         hidden = adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
         total_nll += _nll_sum(adapter, hidden, ids[0, 1:], normed=True)
         model_tokens += ids.shape[1] - 1
+        check_finite(lm, total_nll, _where(windows, desc))
     tokens = windows.samples * (windows.seq_len - 1)
-    nll = total_nll / tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "model_tokens": model_tokens,
+    nll, ppl = _result(lm, total_nll, tokens, _where(windows, desc))
+    return {"ppl": ppl, "nll": nll, "tokens": tokens, "model_tokens": model_tokens,
             "windows": windows.samples, "seq_len": windows.seq_len, "per": "original token"}

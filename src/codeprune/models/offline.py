@@ -9,6 +9,19 @@ dequantized by transformers' GGUF reader, and cached as a plain safetensors
 folder under ``$CODEPRUNE_CACHE`` (default ``~/.cache/codeprune``), so the
 second load takes seconds. Their weights were quantized to 4 bits upstream:
 good for measuring pruning, but not the original bf16 model (reports say so).
+A .gguf file given by path is dequantized the same way (``gguf_cache``), into
+``gguf/<stem>-<key>`` (the key hashes its path, size and mtime).
+
+The cache is verified (models/cache.py): each entry carries
+``codeprune-manifest.json`` (every file's size and sha256, written last, before the
+entry is moved into place in one step); every load compares sizes, ``codeprune
+models --verify`` and the first load after a crash compare hashes; a mismatch
+names the entry and ``codeprune models --rebuild NAME``. Building holds a per-entry
+lock (``<cache>/.lock-<kind>-<name>``), so two processes produce one entry; a crash
+is detected by a dead process's ``<cache>/.active-<pid>_<start>-*`` marker.
+
+    codeprune models --verify                 # ok / corrupt (which file) / not cached, per entry
+    codeprune models --rebuild smollm2-135m   # the old entry stays until the new one is complete
 """
 
 from __future__ import annotations
@@ -20,13 +33,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from codeprune.errors import CorruptModelError, ModelNotFoundError, ModelNotInstalledError
+from codeprune.models.cache import CacheEntry, ensure, verify
+from codeprune.outputs import remove_stale, scratch_dir
 
 SOURCE_FILE = "codeprune-source.json"  # written beside cached weights: where they came from
 
@@ -198,7 +212,8 @@ def _assemble_gguf(spec: OfflineModel, workdir: Path) -> Path:
 
 
 def _dequantize_to_folder(gguf: Path, dest: Path, source_info: dict) -> None:
-    """Dequantize a GGUF file with transformers and save a plain safetensors folder at ``dest``.
+    """Dequantize a GGUF file with transformers and save a plain safetensors folder into ``dest``
+    (an empty temporary folder: cache.ensure moves it into place).
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the
     weights move into a model built from the (de-quantized) config."""
@@ -220,17 +235,9 @@ def _dequantize_to_folder(gguf: Path, dest: Path, source_info: dict) -> None:
     model.generation_config = loaded.generation_config
     del loaded
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / SOURCE_FILE).write_text(json.dumps(source_info, indent=2))
-        if dest.exists():  # a stale or corrupt cache entry
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    (dest / SOURCE_FILE).write_text(json.dumps(source_info, indent=2))
 
 
 # config fields transformers' GGUF reader fills from the file's metadata: general.name is often a
@@ -262,32 +269,93 @@ def gguf_metadata(path: Path) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, str) and v}
 
 
-def ensure_cached(alias: str) -> Path:
-    """The cached safetensors folder of an offline alias, built on first use."""
+def alias_entry(alias: str) -> CacheEntry:
+    return CacheEntry(alias, cached_folder(alias), alias)
+
+
+def ensure_cached(alias: str, *, rebuild: bool = False) -> Path:
+    """The cached safetensors folder of an offline alias, built on first use (or rebuilt), checked
+    against its manifest on every use (CorruptModelError names the rebuild command)."""
     spec = offline_spec(alias)
-    dest = cached_folder(alias)
-    if is_cached(spec):
-        return dest
-    with tempfile.TemporaryDirectory(dir=_mkdir(cache_root())) as work:
-        gguf = _assemble_gguf(spec, Path(work))
-        info = {
-            "alias": alias, "upstream": spec.upstream, "quantization": spec.quantization,
-            "sha256": spec.sha256, "base_model": spec.upstream, "license": spec.license,
-            "note": f"dequantized from a {spec.quantization} GGUF: 4-bit weights, not the original bf16",
-        }
-        _dequantize_to_folder(gguf, dest, info)
-    return dest
+
+    def fill(tmp: Path) -> None:
+        root = _mkdir(cache_root())
+        remove_stale(root, ".assemble-")
+        work = scratch_dir(".assemble-", root)  # holds the concatenated parts of a split GGUF
+        try:
+            gguf = _assemble_gguf(spec, work)
+            info = {
+                "alias": alias, "upstream": spec.upstream, "quantization": spec.quantization,
+                "sha256": spec.sha256, "base_model": spec.upstream, "license": spec.license,
+                "note": f"dequantized from a {spec.quantization} GGUF: 4-bit weights, not the original bf16",
+            }
+            _dequantize_to_folder(gguf, tmp, info)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return ensure(alias_entry(alias), built=lambda _: is_cached(spec), fill=fill, rebuild=rebuild)
 
 
-def gguf_cache(path: Path) -> Path:
+def gguf_entry(path: Path) -> CacheEntry:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    dest = cache_root() / "gguf" / f"{path.stem}-{key[:12]}"
-    if not (dest / SOURCE_FILE).is_file():
+    return CacheEntry(path.name, cache_root() / "gguf" / f"{path.stem}-{key[:12]}", str(path))
+
+
+def gguf_cache(path: Path, *, rebuild: bool = False) -> Path:
+    """The dequantized safetensors folder of a .gguf file, built on first use, checked on every use."""
+    def fill(tmp: Path) -> None:
         info = {"gguf": str(path.resolve()), "upstream": path.stem, **gguf_metadata(path),
                 "note": "dequantized from a GGUF file: quantized weights, not the original"}
-        _dequantize_to_folder(path, dest, info)
-    return dest
+        _dequantize_to_folder(path, tmp, info)
+
+    return ensure(gguf_entry(path), built=lambda f: (f / SOURCE_FILE).is_file(), fill=fill, rebuild=rebuild)
+
+
+def cache_entries(names: list[str] | None = None) -> list[CacheEntry]:
+    """The entries ``codeprune models --verify`` checks: ``names`` (aliases, .gguf paths), or every
+    alias and every dequantized .gguf in the cache."""
+    if names:
+        return [_named_entry(n) for n in names]
+    out = [alias_entry(a) for a in OFFLINE_MODELS]
+    folder = cache_root() / "gguf"
+    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if p.is_dir() and not p.name.startswith("."):
+            try:
+                src = json.loads((p / SOURCE_FILE).read_text()).get("gguf") or p.name
+            except (OSError, ValueError, AttributeError):
+                src = p.name
+            out.append(CacheEntry(Path(src).name, p, str(src)))
+    return out
+
+
+def _named_entry(name: str) -> CacheEntry:
+    if name in OFFLINE_MODELS:
+        return alias_entry(name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_entry(path)
+    raise ModelNotFoundError(f"'{name}' is neither an offline alias ({', '.join(OFFLINE_MODELS)}) "
+                             "nor a .gguf file")
+
+
+def verify_entries(names: list[str] | None = None) -> list[tuple[str, str]]:
+    """(name, "ok" | "not cached" | the corruption message) per cache entry (hashes checked)."""
+    rows = []
+    for entry in cache_entries(names):
+        if not entry.folder.is_dir():
+            rows.append((entry.name, "not cached"))
+        else:
+            rows.append((entry.name, verify(entry) or "ok"))
+    return rows
+
+
+def rebuild(name: str) -> Path:
+    """Rebuild the cache entry of an alias or a .gguf file; the old one stays until the new is whole."""
+    entry = _named_entry(name)
+    if name in OFFLINE_MODELS:
+        return ensure_cached(name, rebuild=True)
+    return gguf_cache(Path(entry.rebuild), rebuild=True)
 
 
 def _mkdir(p: Path) -> Path:
