@@ -11,6 +11,13 @@ A source spec is one of:
 Documents carry a stable id (a relative path, a line number, a row index): the
 held-out split is decided from that id alone, so it never depends on the seed.
 Binary and non-UTF-8 files are skipped and counted, never fatal.
+
+Memory stays bounded whatever the input: a document keeps at most MAX_DOC_BYTES
+(1 MiB) of UTF-8 text. A longer file, row or line is truncated (at its last
+newline in the final half MiB when there is one, else at a character boundary)
+and recorded in ``Corpus.truncated``; a FILE.txt is read line by line and a new
+document starts before one would pass the cap, so a 30 MB single-line file costs
+1 MiB, not 30 MB (and the tokenizer never sees it whole: data/calibration.py).
 """
 
 from __future__ import annotations
@@ -38,8 +45,11 @@ LANGUAGES: dict[str, tuple[str, ...]] = {
 # C++ standard headers have no extension (<vector>); for cpp an extension-less
 # file counts only when its first bytes look like C++ (see _looks_like_cpp).
 
-MAX_FILE_BYTES = 2_000_000  # larger files are skipped (generated code, minified bundles)
+MAX_FILE_BYTES = 2_000_000  # larger files of a folder or zip are skipped (generated code, minified bundles)
+MAX_DOC_BYTES = 1 << 20  # a document keeps at most this much UTF-8 text; longer ones are truncated
+MAX_JSONL_LINE_BYTES = 4 * MAX_DOC_BYTES  # longer .jsonl lines are skipped unparsed (too_large)
 TXT_DOC_LINES = 200
+_HEAD_BYTES = 8192  # a NUL byte in the first 8 KiB marks a binary file
 
 
 @dataclass
@@ -55,6 +65,8 @@ class Corpus:
     spec: str
     documents: list[Document]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    truncated: dict[str, int] = field(default_factory=dict)  # document id -> its size in bytes before the cap
+    empty: int = 0  # documents left out because they hold only white space
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -87,10 +99,51 @@ def read_source(spec: str, *, text_field: str = "text") -> Corpus:
             f"unknown data source '{spec}': use python-stdlib, LANG:DIR (LANG one of "
             f"{', '.join(LANGUAGES)}), FILE.txt, FILE.jsonl or hf:NAME[:CONFIG]:SPLIT:FIELD"
         )
-    corpus.documents = [d for d in corpus.documents if d.text.strip()]
+    corpus.documents = [_capped(d, corpus.truncated) for d in corpus.documents]
+    kept = [d for d in corpus.documents if d.text.strip()]
+    corpus.empty, corpus.documents = len(corpus.documents) - len(kept), kept
     if not corpus.documents:
-        raise CorpusError(f"data source '{spec}' holds no usable text")
+        raise CorpusError(f"data source '{spec}' holds no usable text ({describe_reading(corpus)})")
     return corpus
+
+
+def describe_reading(corpus: Corpus) -> str:
+    """What reading left out or cut, in words: '1 document of 30.0 MB truncated to 1 MiB; 2 empty
+    documents left out; files skipped: 3 binary' ('nothing skipped' when nothing was)."""
+    parts = []
+    if corpus.truncated:
+        n, top = len(corpus.truncated), max(corpus.truncated.values())
+        parts.append(f"{n} document{'s' * (n > 1)} of up to {top / 1e6:.1f} MB truncated to "
+                     f"{MAX_DOC_BYTES / (1 << 20):g} MiB")
+    if corpus.empty:
+        parts.append(f"{corpus.empty} empty document{'s' * (corpus.empty > 1)} left out")
+    if corpus.skipped:
+        parts.append("files skipped: " + ", ".join(f"{n} {r.replace('_', ' ')}"
+                                                    for r, n in sorted(corpus.skipped.items())))
+    return "; ".join(parts) or "nothing skipped"
+
+
+def _capped(doc: Document, truncated: dict[str, int]) -> Document:
+    """``doc`` with at most MAX_DOC_BYTES of text (a longer one is recorded in ``truncated``)."""
+    if len(doc.text) <= MAX_DOC_BYTES // 4:  # 4 bytes a character at most: surely under the cap
+        return doc
+    data = doc.text.encode("utf-8")
+    if len(data) <= MAX_DOC_BYTES:
+        return doc
+    truncated[doc.id] = len(data)
+    return Document(doc.id, _cut(data).decode("utf-8"))
+
+
+def _cut(data: bytes, cap: int = MAX_DOC_BYTES) -> bytes:
+    """The first ``cap`` bytes of UTF-8 ``data``, ending at its last newline in the final half
+    when there is one, else at a character boundary (never inside a multi-byte character)."""
+    if len(data) <= cap:
+        return data
+    end = cap
+    while end > 0 and data[end] & 0xC0 == 0x80:  # data[end] continues a character: back off
+        end -= 1
+    newline = data.rfind(b"\n", cap // 2, end)
+    return data[:newline + 1] if newline >= 0 else data[:end]
 
 
 def python_stdlib_dir() -> Path:
@@ -229,18 +282,74 @@ def _looks_like_cpp(text: str) -> bool:
 
 
 def _read_file(spec: str, path: Path, text_field: str) -> Corpus:
+    """A FILE.txt or FILE.jsonl, read line by line (never a whole line over the caps in memory)."""
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
-    reason, text = _decode(path.read_bytes())
-    if reason:
-        raise CorpusError(f"corpus file {path} is {reason.replace('_', ' ')}")
-    docs, skipped = [], {}
-    if path.suffix == ".txt":
-        lines = text.splitlines(keepends=True)
-        for start in range(0, len(lines), TXT_DOC_LINES):
-            docs.append(Document(f"{path.name}:{start + 1}", "".join(lines[start:start + TXT_DOC_LINES])))
-        return Corpus(spec, docs, skipped)
-    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028
+    corpus = Corpus(spec, [])
+    try:
+        with path.open("rb") as f:
+            if b"\0" in f.read(_HEAD_BYTES):
+                raise CorpusError(f"corpus file {path} is binary")
+            f.seek(0)
+            if path.suffix == ".txt":
+                _read_txt(f, path, corpus)
+            else:
+                _read_jsonl(f, path, text_field, corpus)
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {path}: {e}") from e
+    return corpus
+
+
+def _lines(f, cap: int):
+    """(bytes, size) of each line of the binary file ``f``, newline kept: a line over ``cap``
+    bytes comes cut (``_cut``) with its full size, its rest read in pieces and dropped."""
+    while line := f.readline(cap + 1):
+        if len(line) <= cap:
+            yield line, len(line)
+            continue
+        size, tail = len(line), line
+        while not tail.endswith(b"\n"):
+            tail = f.readline(1 << 16)
+            if not tail:
+                break
+            size += len(tail)
+        yield _cut(line, cap), size
+
+
+def _utf8(data: bytes, path: Path, n: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorpusError(f"corpus file {path} is not utf8 (line {n})") from None
+
+
+def _read_txt(f, path: Path, corpus: Corpus) -> None:
+    """Documents of TXT_DOC_LINES lines (lines as ``str.splitlines`` counts them), a new one
+    started early rather than pass MAX_DOC_BYTES; a longer line is cut to the cap."""
+    lines, size, start, n = [], 0, 1, 0
+    for n_phys, (data, full) in enumerate(_lines(f, MAX_DOC_BYTES), start=1):
+        for line in _utf8(data, path, n_phys).splitlines(keepends=True):
+            n, nbytes = n + 1, len(line.encode("utf-8"))
+            if lines and (len(lines) == TXT_DOC_LINES or size + nbytes > MAX_DOC_BYTES):
+                corpus.documents.append(Document(f"{path.name}:{start}", "".join(lines)))
+                lines, size, start = [], 0, n
+            lines.append(line)
+            size += nbytes
+        if full > len(data):
+            corpus.truncated[f"{path.name}:{start}"] = full
+    if lines:
+        corpus.documents.append(Document(f"{path.name}:{start}", "".join(lines)))
+
+
+def _read_jsonl(f, path: Path, text_field: str, corpus: Corpus) -> None:
+    """One document a line (split on newlines only: JSON strings may hold U+2028); lines over
+    MAX_JSONL_LINE_BYTES are skipped unparsed."""
+    skipped = corpus.skipped
+    for n, (data, full) in enumerate(_lines(f, MAX_JSONL_LINE_BYTES), start=1):
+        if full > len(data):
+            skipped["too_large"] = skipped.get("too_large", 0) + 1
+            continue
+        line = _utf8(data, path, n)
         if not line.strip():
             continue
         try:
@@ -252,10 +361,9 @@ def _read_file(spec: str, path: Path, text_field: str) -> Corpus:
         if not isinstance(value, str):
             skipped["no_field"] = skipped.get("no_field", 0) + 1
             continue
-        docs.append(Document(f"{path.name}:{n}", value))
-    if not docs and skipped.get("no_field"):
+        corpus.documents.append(Document(f"{path.name}:{n}", value))
+    if not corpus.documents and skipped.get("no_field"):
         raise CorpusError(f"no line of {path} has a string field '{text_field}' (see --text-field)")
-    return Corpus(spec, docs, skipped)
 
 
 def load_hf_dataset(name: str, config: str | None, split: str):
