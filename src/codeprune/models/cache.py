@@ -57,7 +57,7 @@ MANIFEST = "codeprune-manifest.json"
 PENDING = "verify-pending.json"
 _ACTIVE_PREFIX = ".active-"
 _TMP = re.compile(r"\..+\.tmp-")  # .<entry>.tmp-<tag>-...: an entry being built
-_ACTIVE: dict[Path, Path] = {}  # cache roots this process uses -> its marker file there
+_ACTIVE: dict[Path, tuple[int, Path]] = {}  # cache roots this process uses -> (pid, its marker there)
 
 
 @dataclass(frozen=True)
@@ -106,19 +106,21 @@ def note_crashes(root: Path) -> None:
     """Hold this process's marker in ``root``; a dead process's marker puts every entry on the
     pending list (hashed on next load)."""
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root, f".{PENDING}.tmp-")
     if remove_stale(root, _ACTIVE_PREFIX):
         _mark_pending(root, [f"{k}/{p.name}" for k in ("models", "gguf") for p in _entries(root / k)])
-    if root not in _ACTIVE:
+    if _ACTIVE.get(root, (None,))[0] != os.getpid():  # a forked child makes its own
         fd, marker = scratch_file(_ACTIVE_PREFIX, root)
         os.close(fd)
         if not _ACTIVE:
             atexit.register(_drop_markers)
-        _ACTIVE[root] = marker
+        _ACTIVE[root] = (os.getpid(), marker)
 
 
 def _drop_markers() -> None:
-    for marker in _ACTIVE.values():
-        marker.unlink(missing_ok=True)
+    for pid, marker in _ACTIVE.values():
+        if pid == os.getpid():  # never a parent's marker, from a forked child that exits normally
+            marker.unlink(missing_ok=True)
     _ACTIVE.clear()
 
 
