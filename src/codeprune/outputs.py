@@ -292,7 +292,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+def install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move ``tmp`` to ``out`` in one step; with ``overwrite`` an existing ``out`` ends up in ``tmp``."""
     if out.exists() and overwrite:
         if _renameat2(tmp, out, _RENAME_EXCHANGE):
@@ -333,7 +333,7 @@ def write_atomically(out: str | Path, overwrite: bool, fill, *, expected_bytes: 
         tmp = scratch_dir(f".{out.name}.tmp-", out.parent)
         fill(tmp)
         _make_readable(tmp)
-        _install(tmp, out, overwrite)
+        install(tmp, out, overwrite)
     except OutputExistsError:
         raise
     except Exception as e:

@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from codeprune.errors import ConfigError, OutputExistsError
+from codeprune.errors import ConfigError, OutputExistsError, OutputWriteError
 from codeprune.methods import make_pruner
 from codeprune.methods.unstructured.base import prune_model_
 from codeprune.models.checkpoint import disk_bytes, resolve_save_dtype, save_checkpoint
@@ -53,10 +53,10 @@ def test_existing_output_is_refused_then_replaced(tiny_llama, tmp_path):
 
 def test_failed_write_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tiny_llama.tokenizer, "save_pretrained", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputWriteError, match="No space left on device; nothing was written"):
         save_checkpoint(tiny_llama, tmp_path / "run")
     assert list(tmp_path.iterdir()) == []
 

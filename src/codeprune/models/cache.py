@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeprune.errors import CorruptModelError
-from codeprune.outputs import _install, remove_stale, scratch_dir, scratch_file
+from codeprune.outputs import install, remove_stale, scratch_dir, scratch_file
 
 MANIFEST = "codeprune-manifest.json"
 PENDING = "verify-pending.json"
@@ -277,7 +277,7 @@ def _build(entry: CacheEntry, fill: Callable[[Path], None]) -> None:
         fill(tmp)
         write_manifest(tmp)
         tmp.chmod(0o755)
-        _install(tmp, entry.folder, entry.folder.exists())  # an old entry ends up in tmp
+        install(tmp, entry.folder, entry.folder.exists())  # an old entry ends up in tmp
         fd = os.open(parent, os.O_RDONLY)
         try:
             os.fsync(fd)
