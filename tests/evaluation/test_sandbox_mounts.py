@@ -155,3 +155,36 @@ assert [n for n in os.listdir("/tmp") if n.startswith("probe-{token}")] == [os.p
 """
     results = run_programs([src] * 4, limits=LIMITS, workers=4)
     assert all(r.status == "passed" for r in results), results
+
+
+def test_a_refused_step_falls_back_to_the_host_and_says_so(monkeypatch):
+    from codeprune.evaluation import sandbox
+
+    real_job = sandbox._job
+
+    def job_with_a_missing_prefix(*args):
+        job = real_job(*args)
+        job["prefixes"] = job["prefixes"] + ["/nonexistent/codeprune-prefix"]  # its bind mount fails
+        return job
+
+    monkeypatch.setattr(sandbox, "_job", job_with_a_missing_prefix)
+    res = run_program("import os\nprint(os.getcwd())\nassert os.path.isdir('/proc/1')\n", limits=LIMITS)
+    assert res.status == "passed", res
+    assert res.protections["mount"] and not res.protections["minimal_root"]
+    assert not res.protections["private_tmp"] and not res.protections["readonly_root"]
+    assert "nonexistent" in res.extra["mount_error"] or "No such file" in res.extra["mount_error"]
+    assert res.stdout.strip().startswith(tempfile.gettempdir())  # the host's working folder, as before
+
+
+def test_the_report_says_which_protections_held(minimal_root):
+    from types import SimpleNamespace
+
+    from codeprune.reporting.markdown import _humaneval_lines
+
+    he = SimpleNamespace(config={"completions": "x.jsonl"}, pass_at_k={"pass@1": 1.0}, n_problems=1,
+                         statuses={"passed": 1, "failed": 0, "timeout": 0, "error": 0},
+                         sandbox={**check_sandbox(LIMITS)})
+    line = "\n".join(_humaneval_lines(he))
+    assert "minimal root" in line and "private /tmp, /var/tmp, /dev/shm" in line and "read-only root" in line
+    he.sandbox = {**he.sandbox, "protections": {**minimal_root, "minimal_root": False}}
+    assert "host file system visible" in "\n".join(_humaneval_lines(he))

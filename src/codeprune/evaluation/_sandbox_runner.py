@@ -130,15 +130,23 @@ def _kill_uid(uid: int) -> None:
 
 
 def _uid_processes(uid: int) -> list[int]:
+    """The live processes of ``uid``. Zombies do not count: those of our children are reaped
+    only after the kill, and waiting for them to vanish would spin until the loop gives up."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
+                if os.stat(f"/proc/{entry}").st_uid == uid and not _dead(entry):
                     out.append(int(entry))
             except OSError:
                 pass
     return out
+
+
+def _dead(pid: str) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
 
 
 def _kill_descendants(uid) -> None:
