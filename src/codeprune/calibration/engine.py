@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codeprune.calibration.devices import resolve_device
-from codeprune.errors import ConfigError
+from codeprune.errors import ConfigError, CorruptModelError
 from codeprune.models.loading import LoadedModel
 
 
@@ -134,6 +134,14 @@ def run_layer(index: int, layer: nn.Module, inputs: list[LayerInput], device: to
         inp.hidden = out.to(store)
 
 
+def _check_finite(lm: LoadedModel, inputs: list[LayerInput], index: int) -> None:
+    """Non-finite hidden states would turn every score into NaN: stop with the model's name."""
+    if not all(bool(torch.isfinite(inp.hidden).all()) for inp in inputs):
+        dtype = str(inputs[0].hidden.dtype).removeprefix("torch.")
+        raise CorruptModelError(f"model '{lm.name}' gives non-finite activations (nan/inf) after decoder "
+                                f"layer {index}: its weights are corrupt or overflow in {dtype}")
+
+
 @torch.no_grad()
 def collect_stats(index: int, layer: nn.Module, linears: dict[str, nn.Linear], groups,
                   inputs: list[LayerInput], make_stats: StatsFactory,
@@ -213,6 +221,7 @@ def calibrate_layers(lm: LoadedModel, input_ids: torch.Tensor, *, make_stats: St
             del stats  # free the accumulators before the next layer allocates its own
             if keep_outputs or i + 1 < adapter.num_layers:  # else nothing reads the last outputs
                 run_layer(i, layer, inputs, dev, store)
+                _check_finite(lm, inputs, i)
             if layerwise:
                 layer.to("cpu")
         return inputs if keep_outputs else None

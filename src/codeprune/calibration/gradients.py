@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from codeprune.calibration.devices import place_model
 from codeprune.calibration.stats import ChannelStats
+from codeprune.errors import CorruptModelError
 
 
 @dataclass
@@ -179,6 +180,11 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
                 with torch.set_grad_enabled(backward):
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 acc.recording = False
+                if not torch.isfinite(loss):  # NaN scores would rank every structure at random
+                    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                    raise CorruptModelError(
+                        f"model '{lm.name}' gives a non-finite loss ({float(loss)}) on calibration "
+                        f"sample {k}: its weights are corrupt or overflow in {dtype}")
                 if backward:
                     loss.backward()
                 total_loss += float(loss.detach())
