@@ -221,18 +221,22 @@ def test_eval_signal_while_generating(tiny_folder, tmp_path):
     child.assert_clean()
 
 
+def sleeping_eval(tmp_path: Path, out: Path) -> list[str]:
+    """eval argv scoring 4 completions that each sleep for a minute, 2 at a time."""
+    samples = tmp_path / "samples.jsonl"
+    sleeper = "    import time\n    time.sleep(60)\n"
+    samples.write_text("".join(json.dumps({"task_id": f"HumanEval/{i}", "completion": sleeper}) + "\n"
+                               for i in range(4)))
+    return ["eval", "--humaneval", "--completions", str(samples), "--limit", "4", "--timeout", "60",
+            "--workers", "2", "--out", str(out)]
+
+
 @pytest.mark.parametrize("which", ["SIGTERM", "SIGINT"])
 def test_eval_signal_while_programs_run(which, tmp_path):
     """An interrupt stops running sandboxed programs at once (they would sleep for a minute)."""
     runs = tmp_path / "runs"
     runs.mkdir()
-    samples = tmp_path / "samples.jsonl"
-    sleeper = "    import time\n    time.sleep(60)\n"
-    samples.write_text("".join(json.dumps({"task_id": f"HumanEval/{i}", "completion": sleeper}) + "\n"
-                               for i in range(4)))
-    argv = ["eval", "--humaneval", "--completions", str(samples), "--timeout", "60", "--workers", "2",
-            "--out", str(runs / "ev")]
-    child = Child(tmp_path, "programs", argv)
+    child = Child(tmp_path, "programs", sleeping_eval(tmp_path, runs / "ev"))
     child.wait_for_programs()
     sent = time.monotonic()
     child.proc.send_signal(SIGNALS[which][0])
@@ -267,6 +271,30 @@ def test_sigkill_while_writing_keeps_the_previous_output(tiny_folder, code_dir, 
     check_output(out, True)  # ...the next run's check removes what the dead process left
     release(out)
     assert_no_output(out.parent, keep=("out",))
+
+
+def test_sigkill_while_programs_run(tmp_path):
+    """codeprune killed outright: its runners stop their programs (parent-death signal) and the
+    next sandbox use removes any folder the dead process left."""
+    from codeprune.outputs import check_output, release, remove_stale
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    child = Child(tmp_path, "programs", sleeping_eval(tmp_path, runs / "ev"))
+    child.wait_for_programs()
+    child.proc.kill()
+    child.finish()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not [p for p, start in child.seen if start is not None and start_time(p) == start]:
+            break
+        time.sleep(0.1)
+    for prefix in ("codeprune-sandbox-log-", "codeprune-sandbox-"):
+        remove_stale(child.tmpdir, prefix)
+    child.assert_clean()
+    check_output(runs / "ev", False)  # the next run's check removes the dead run's lock file
+    release(runs / "ev")
+    assert_no_output(runs)
 
 
 def test_two_prunes_to_the_same_output(tiny_folder, code_dir, tmp_path):
