@@ -146,3 +146,32 @@ def test_leftovers_of_a_dead_process_are_removed():
     finally:
         for m in mine:
             os.rmdir(m)
+
+
+def test_interrupt_in_process_leaves_no_descriptor():
+    """The same in this process: KeyboardInterrupt is re-raised at once and every pipe is closed."""
+    import threading
+
+    from codeprune.evaluation.sandbox import SandboxLimits, run_programs
+
+    fds = set(os.listdir("/proc/self/fd"))
+    fired = []
+
+    def interrupt() -> None:
+        time.sleep(1.0)
+        fired.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_programs(["import time\ntime.sleep(600)\n"] * 6, workers=3,
+                     limits=SandboxLimits(timeout=30, uid_base=UID_BASE))
+    elapsed = time.monotonic() - fired[0]
+    timer.join()
+    assert elapsed < 1.0, f"the interrupt took {elapsed:.2f} s"
+    deadline = time.monotonic() + 2
+    while set(os.listdir("/proc/self/fd")) != fds and time.monotonic() < deadline:
+        time.sleep(0.02)  # the pool threads close their pipes right after
+    assert set(os.listdir("/proc/self/fd")) - fds == set()
+    assert_nothing_left(os.getpid(), process_tag(), within=1.0)
