@@ -7,12 +7,22 @@ other stage is a registered method run through ``methods.run_method`` (a single
 ``codeprune prune --method X`` is a one-stage recipe: workflows/prune.py). Each
 stage returns a record (what it removed, its time, what it did); the prune
 workflow turns the records into the report.
+
+``check_reach(lm, recipe, target)`` runs before any calibration (workflows/prune.py
+calls it right after loading): it plays the budget split on the model's shapes,
+every vocab stage dropping all it may (all but the special tokens and the byte
+alphabet), and refuses a target the stages cannot remove - a layers stage keeps
+one layer, a structured stage what methods/structured/search.py ``reach`` says -
+with the largest reachable target; a structured stage's own ``ratio`` likewise.
+
+    codeprune prune --model smollm2-135m --recipe shortgpt --target 0.9   # exit 2: the largest is 0.776
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +34,9 @@ from codeprune.data.sources import code_corpora
 from codeprune.errors import ConfigError
 from codeprune.methods import Produces, is_structured, run_method
 from codeprune.methods.depth import choose_layers, remove_layers_
+from codeprune.methods.structured.base import scope_layers
 from codeprune.methods.structured.plan import decoder_param_count
+from codeprune.methods.structured.search import check_reachable, floor3, reach
 from codeprune.methods.vocab import count_tokens, make_remap, prune_vocab_, select_vocab
 from codeprune.models.counting import count_parameters, linear_sparsity
 from codeprune.recipes.spec import Recipe, Stage, check_budget, stage_method
@@ -53,6 +65,7 @@ def run_recipe(lm, recipe: Recipe, *, target: float | None, state: RecipeState,
 
     ``score(lm, remap) -> ppl or None`` is called after every stage (per-stage perplexity)."""
     check_budget(recipe, target)
+    check_reach(lm, recipe, target)
     dense = total_params(lm)
     goal = round(target * dense) if target is not None else 0
     records = []
@@ -158,16 +171,109 @@ def _layers_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> d
 def _method_stage(lm, stage: Stage, budget: int | None, state: RecipeState) -> dict:
     """A method / ffn / heads stage through the one dispatcher; structured stages at their
     budget's share of the decoder (or their own ``ratio``)."""
-    ratio, decoder = None, decoder_param_count(lm.adapter)
+    ratio, decoder, capped = None, decoder_param_count(lm.adapter), False
     if is_structured(stage.method):
         ratio = stage.options["ratio"] if budget is None else budget / decoder
         if ratio <= 0:
             return _skipped("no budget left")
+        if budget is not None:  # earlier stages removed less than check_reach assumed: take the most
+            most = floor3(reach(lm, stage_method(stage, min(ratio, 0.5)).config).ratio)
+            ratio, capped = min(ratio, most), ratio > most
     method = stage_method(stage, ratio)
     ids = state.calib_ids if method.uses_data else None
     result = run_method(lm, method, ids, device=state.device, offload=state.offload,
                         batch_size=state.batch_size)
-    return method_record(lm, method, result, decoder)
+    record = method_record(lm, method, result, decoder)
+    return record | ({"capped": f"budget {budget:,} is over what the stage can remove"} if capped else {})
+
+
+@dataclass
+class _Limits:
+    """What the stages of a recipe can remove at most, from the dense model's shapes."""
+
+    params: int  # all parameters
+    layers: int
+    per_layer: float  # decoder parameters per layer (layers alike)
+    stages: list  # per stage: vocab (tokens it may drop, parameters per token, tokens); structured: a Reach
+
+
+def check_reach(lm, recipe: Recipe, target: float | None) -> None:
+    """ConfigError, before any data is read, when ``recipe``'s stages cannot remove ``target`` of
+    all parameters (the message gives the largest target they can), or a structured stage its own
+    ``ratio`` (a single ``--method`` run: ``search.check_reachable``'s message)."""
+    if target is None and len(recipe.stages) == 1 and is_structured(recipe.stages[0].method):
+        check_reachable(lm, stage_method(recipe.stages[0]))
+        return
+    limits = _limits(lm, recipe)
+    failure = _play(recipe, target or 0.0, limits)
+    if failure is None:
+        return
+    best = max((k / 2000 for k in range(1, 2000) if _play(recipe, k / 2000, limits) is None), default=None)
+    what = f"target {target:g}" if target is not None else "the fixed amounts of its stages"
+    tail = (f"; the largest target these stages can take is {floor3(best):.3f} (of all parameters)"
+            if best is not None and target is not None else "")
+    vocab = [lim for lim in limits.stages if isinstance(lim, tuple)]
+    if vocab and target is not None:
+        tail += (f" (counting every token the vocab stage may drop: all but {vocab[0][2] - vocab[0][0]:,} "
+                 f"of {vocab[0][2]:,}, the special tokens and the byte alphabet)")
+    raise ConfigError(f"{what} cannot be reached by recipe {recipe.name} on {lm.name}: {failure}{tail}")
+
+
+def _limits(lm, recipe: Recipe) -> _Limits:
+    from codeprune.methods.vocab import select_vocab  # vocab stages only: it reads the tokenizer
+
+    a, stages = lm.adapter, []
+    for stage in recipe.stages:
+        if stage.kind == "vocab":
+            emb, head = a.embed_tokens(), a.lm_head()
+            per_token = emb.embedding_dim * (1 if head.weight is emb.weight else 2) + (head.bias is not None)
+            floor = len(select_vocab(lm.tokenizer, Counter(), 1))  # special tokens and the byte alphabet
+            stages.append((emb.num_embeddings - floor, per_token, emb.num_embeddings))
+        elif stage.kind != "layers" and is_structured(stage.method):
+            ratio = stage.options.get("ratio", 0.5)
+            stages.append(reach(lm, stage_method(stage, ratio).config))
+        else:
+            stages.append(None)
+    params = sum(p.numel() for p in lm.model.parameters())  # tied embeddings once
+    return _Limits(params, a.num_layers, decoder_param_count(a) / a.num_layers, stages)
+
+
+def _play(recipe: Recipe, target: float, lim: _Limits) -> str | None:
+    """Run the budget split of ``run_recipe`` on the shapes alone; the first stage that cannot
+    take its part, in words, or None when every stage can."""
+    goal, removed, layers, per_layer = round(target * lim.params), 0.0, lim.layers, lim.per_layer
+    for k, stage in enumerate(recipe.stages):
+        budget, where = None, f"stage {k + 1} ({stage.kind})"
+        if stage.share is not None:
+            weights = sum(recipe.stages[j].share for j in recipe.budgeted if j >= k)
+            budget = max(0, round((goal - removed) * stage.share / weights))
+        limit = lim.stages[k]
+        if stage.kind == "vocab":
+            tokens, per_token, _ = limit
+            removed += (tokens if budget is None else min(budget // per_token, tokens)) * per_token
+        elif stage.kind == "layers":
+            n = stage.options["n"] if "n" in stage.options else round(budget / per_layer)
+            if n >= layers:
+                return f"{where} would remove {n} of the {layers} layers left, and keeps at least one"
+            layers, removed = layers - n, removed + n * per_layer
+        elif limit is not None:
+            decoder = layers * per_layer
+            ratio = stage.options["ratio"] if budget is None else budget / decoder
+            most = _scaled(limit, stage, layers, lim.per_layer)
+            if ratio > most:
+                return (f"{where} would remove {ratio:.3f} of the decoder-layer parameters left, and "
+                        f"{limit.why}: at most {floor3(most):.3f}")
+            removed, per_layer = removed + max(ratio, 0.0) * decoder, per_layer * (1 - max(ratio, 0.0))
+    return None
+
+
+def _scaled(limit, stage: Stage, layers: int, per_layer_dense: float) -> float:
+    """A structured stage's largest ratio once only ``layers`` layers are left (layers alike)."""
+    try:
+        in_scope = len(scope_layers(stage_method(stage, 0.5).config.scope, layers))
+    except ConfigError:  # the scope selects no layer of so few
+        return 0.0
+    return in_scope * (limit.removable / limit.in_scope) / (layers * per_layer_dense)
 
 
 def method_record(lm, method, result, decoder_before: int) -> dict:

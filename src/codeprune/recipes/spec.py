@@ -57,7 +57,12 @@ ratio B_k / (decoder parameters now). A recipe whose last budgeted stage is
 fine-grained (ffn, heads, a structured method) lands within a fraction of a
 point of the target; the report says by how much (``target_error``) either way.
 Stages with a fixed amount (``n``, ``ratio``, a vocab stage without ``share``)
-remove what they remove, and the budgeted ones share the rest.
+remove what they remove, and the budgeted ones share the rest. A target the
+stages cannot remove (a layers stage keeps one layer, a structured stage one
+attention unit and one FFN channel per layer, a vocab stage the special tokens
+and the byte alphabet) is refused before calibration with the largest target
+they can take (``runner.check_reach``); a structured stage whose budget still
+outruns it at run time removes its most and its record says ``capped``.
 
 After a ``vocab`` stage, the calibration windows are rewritten for the pruned
 tokenizer (same bytes, ``methods.vocab.remap_ids``, cut back to the window length) and

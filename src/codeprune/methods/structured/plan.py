@@ -44,7 +44,6 @@ import torch
 
 from codeprune.errors import ConfigError
 from codeprune.models.adapters.base import DecoderAdapter
-from codeprune.models.counting import count_parameters
 
 logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").setLevel(logging.ERROR)
 
@@ -144,7 +143,7 @@ class StructurePlan:
         """{"total", "decoder"}: the parameters the model will have after ``apply_plan_``
         (tied embeddings once), computed from shapes only."""
         a = lm.adapter
-        total_now = count_parameters(lm.model)[0]
+        total_now = sum(p.numel() for p in lm.model.parameters())  # shapes only: no zero count
         _, gain, _ = self.new_biases(a)
         hidden, hd = a.hidden_size, self.head_dim
         decoder_now = decoder = 0

@@ -7,9 +7,21 @@ AL-AM; scores standardised per layer and module, or compared per parameter for
 Taylor's loss estimates). Counts are checked against the budget with a plan that
 only counts parameters (``counting_plan``); ``build_plan`` turns counts and scores into
 the plan.
+
+``reach`` says, from the model's shapes alone (no data), the largest ratio a
+configuration can remove: every layer in the scope keeps its best attention unit
+and its best FFN channel (units.py), the layers outside the scope and the units
+``units`` excludes stay whole, the compensation biases count, and the uniform
+structure refuses to take 95% of a layer (90% of the attention for heads only).
+``check_reachable`` refuses a ratio above it before any calibration:
+
+    codeprune prune --model smollm2-135m --method flap --ratio 0.99   # exit 2: at most 0.874
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +34,7 @@ from codeprune.methods.structured.base import (
 from codeprune.methods.structured.plan import StructurePlan, decoder_param_count
 from codeprune.methods.structured.units import (
     attention_units,
+    head_unit_kind,
     layer_plan,
     unit_weights,
     zscore,
@@ -51,20 +64,9 @@ def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]
     in_scope = set(scope_layers(cfg.scope, a.num_layers))
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in a.layers()]
     share = cfg.ratio * sum(sizes) / sum(sizes[i] for i in in_scope)
-    if cfg.units == "ffn":  # the MLP alone carries the share
-        mlp = sum(3 * a.hidden_size * a.layer_sizes(a.layers()[i])["intermediate"] for i in in_scope)
-        if cfg.ratio * sum(sizes) >= 0.95 * mlp:
-            raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove over 95% of the FFN "
-                              "channels in scope: lower the ratio, or prune heads too (--units all)")
-    if cfg.units == "heads":  # attention alone carries the share
-        attn = sum(sizes[i] - 3 * a.hidden_size * a.layer_sizes(a.layers()[i])["intermediate"]
-                   for i in in_scope)
-        if cfg.ratio * sum(sizes) >= 0.9 * attn:
-            raise ConfigError(f"ratio {cfg.ratio} of the decoder is more than the attention in scope can "
-                              "give: lower the ratio, or prune FFN channels too (--units all)")
-    if share >= 0.95:
-        raise ConfigError(f"ratio {cfg.ratio} of the decoder would remove {share:.0%} of every layer in "
-                          f"the scope {cfg.scope[0]}:{cfg.scope[1]}: lower the ratio or widen the scope")
+    limit, _ = uniform_limit(lm, cfg)
+    if cfg.ratio * sum(sizes) >= limit:
+        raise ConfigError(uniform_refusal(cfg, share))
     counts = []
     for i, layer in enumerate(a.layers()):
         if i not in in_scope:
@@ -85,6 +87,32 @@ def uniform_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]
     if cfg.units == "heads":  # whole heads: no channel to absorb rounding
         return counts
     return _correct(lm, counts, cfg, kind, in_scope)
+
+
+def uniform_limit(lm, cfg: StructuredConfig) -> tuple[float, str]:
+    """(parameters the uniform structure refuses to reach, why): 95% of the layers in the
+    scope; with ``units`` ffn 95% of their FFN weights, with heads 90% of their attention."""
+    a = lm.adapter
+    in_scope = scope_layers(cfg.scope, a.num_layers)
+    sizes = {i: sum(p.numel() for p in a.layers()[i].parameters()) for i in in_scope}
+    mlp = {i: 3 * a.hidden_size * a.layer_sizes(a.layers()[i])["intermediate"] for i in in_scope}
+    if cfg.units == "ffn":  # the MLP alone carries the share
+        return 0.95 * sum(mlp.values()), "the uniform structure removes under 95% of the FFN channels"
+    if cfg.units == "heads":  # attention alone carries the share
+        return 0.9 * sum(sizes[i] - mlp[i] for i in in_scope), "the uniform structure removes under 90% " \
+            "of the attention"
+    return 0.95 * sum(sizes.values()), "the uniform structure removes under 95% of each layer"
+
+
+def uniform_refusal(cfg: StructuredConfig, share: float) -> str:
+    if cfg.units == "ffn":
+        return (f"ratio {cfg.ratio} of the decoder would remove over 95% of the FFN channels in scope: "
+                "lower the ratio, or prune heads too (--units all)")
+    if cfg.units == "heads":
+        return (f"ratio {cfg.ratio} of the decoder is more than the attention in scope can give: lower "
+                "the ratio, or prune FFN channels too (--units all)")
+    return (f"ratio {cfg.ratio} of the decoder would remove {share:.0%} of every layer in the scope "
+            f"{cfg.scope[0]}:{cfg.scope[1]}: lower the ratio or widen the scope")
 
 
 def _correct(lm, counts, cfg, kind, in_scope: set[int]) -> list[tuple[int, int]]:
@@ -155,3 +183,76 @@ def build_plan(lm, scores, counts, kind, cfg) -> StructurePlan:
     plan.layers = [layer_plan(sc, a.linears(layer), a.head_dim, kind, n_u, n_c, cfg.compensation)
                    for sc, layer, (n_u, n_c) in zip(scores, a.layers(), counts, strict=True)]
     return plan
+
+
+@dataclass
+class Reach:
+    """How much of the decoder a structured configuration can remove at most."""
+
+    removable: float  # parameters
+    decoder: int  # the decoder's parameters now
+    why: str  # the constraints, in words
+    in_scope: int  # layers the configuration may prune
+
+    @property
+    def ratio(self) -> float:
+        return self.removable / self.decoder
+
+
+def max_counts(lm, cfg: StructuredConfig, kind: str) -> list[tuple[int, int]]:
+    """The most (attention units, channels) each layer can lose: all but one of each in the
+    scope (none of the kind ``units`` excludes), nothing outside it."""
+    a = lm.adapter
+    in_scope = set(scope_layers(cfg.scope, a.num_layers))
+    counts = []
+    for i, layer in enumerate(a.layers()):
+        s = a.layer_sizes(layer)
+        n_units = s["heads"] // s["kv_heads"] if kind == "query" else s["kv_heads"]
+        heads = n_units - 1 if i in in_scope and cfg.units != "ffn" else 0
+        channels = s["intermediate"] - 1 if i in in_scope and cfg.units != "heads" else 0
+        counts.append((heads, channels))
+    return counts
+
+
+def reach(lm, cfg: StructuredConfig) -> Reach:
+    """The largest number of decoder parameters ``cfg`` can remove from ``lm`` (from the shapes
+    alone), and why no more."""
+    a = lm.adapter
+    first = a.layer_sizes(a.layers()[0])
+    kind = head_unit_kind(cfg, first["heads"] // first["kv_heads"])
+    decoder = decoder_param_count(a)
+    kept = counting_plan(lm, max_counts(lm, cfg, kind), kind, cfg.compensation).param_count(lm)["decoder"]
+    removable, why = float(decoder - kept), _constraints(cfg, kind)
+    if cfg.structure == "uniform":
+        limit, reason = uniform_limit(lm, cfg)
+        if limit <= removable:
+            removable, why = limit * (1 - 1e-9), reason + _scope_words(cfg)
+    return Reach(removable, decoder, why, len(scope_layers(cfg.scope, a.num_layers)))
+
+
+def _constraints(cfg: StructuredConfig, kind: str) -> str:
+    head = "one query head per KV group" if kind == "query" else "one KV group"
+    keeps = {"all": f"at least {head} and one FFN channel",
+             "ffn": "its attention (units ffn) and at least one FFN channel",
+             "heads": f"its FFN channels (units heads) and at least {head}"}[cfg.units]
+    outside = ", the layers outside it stay whole" if cfg.scope != (0.0, 1.0) else ""
+    biases = " (the compensation biases it adds count)" if cfg.compensation else ""
+    return f"every layer{_scope_words(cfg)} keeps {keeps}{outside}{biases}"
+
+
+def _scope_words(cfg: StructuredConfig) -> str:
+    return "" if cfg.scope == (0.0, 1.0) else f" in the scope {cfg.scope[0]:g}:{cfg.scope[1]:g}"
+
+
+def floor3(x: float) -> float:
+    """``x`` rounded down to 3 decimals: a bound that is itself reachable when printed."""
+    return math.floor(x * 1000 + 1e-9) / 1000
+
+
+def check_reachable(lm, method) -> None:
+    """ConfigError, before any data is read, when ``method``'s ratio is beyond ``reach``."""
+    r = reach(lm, method.config)
+    if method.config.ratio > r.ratio:
+        raise ConfigError(f"ratio {method.config.ratio:g} cannot be reached by {method.name} on {lm.name}: "
+                          f"{r.why}, so at most {floor3(r.ratio):.3f} of the decoder-layer parameters can "
+                          "be removed")
