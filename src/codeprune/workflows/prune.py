@@ -32,7 +32,7 @@ from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
 from codeprune.models.dtypes import parse_dtype
 from codeprune.models.loading import LoadedModel
-from codeprune.recipes.runner import RecipeState, run_recipe
+from codeprune.recipes.runner import RecipeState, check_reach, run_recipe
 from codeprune.recipes.spec import (
     Recipe,
     Stage,
@@ -105,7 +105,7 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     check_out(out, overwrite, model, calib, expected_bytes=expected)  # before loading anything
     dev = resolve_device(device)
     lm, corpus, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
-                                           eval_windows if eval_ppl else None)
+                                           eval_windows if eval_ppl else None, reach=(rec, target))
     if not offload:
         place_model(lm, dev)
 
@@ -196,7 +196,7 @@ def _changes_shapes(recipe: Recipe) -> bool:
 
 
 def _prepare(model, calib: str, samples: int, seq_len: int, seed: int, text_field: str, dtype,
-             eval_windows: int | None) -> tuple[LoadedModel, object, object, object]:
+             eval_windows: int | None, reach: tuple = ()) -> tuple[LoadedModel, object, object, object]:
     """(model, corpus, calibration windows, held-out windows or None), sizes checked before any
     loading."""
     if eval_windows is not None and eval_windows < 1:
@@ -204,6 +204,8 @@ def _prepare(model, calib: str, samples: int, seq_len: int, seed: int, text_fiel
     check_window_sizes(samples, seq_len)
     corpus = read_source(calib, text_field=text_field)
     lm = as_loaded(model, dtype, seq_len)
+    if reach:  # a target the stages cannot remove: refused before calibration (recipes/runner.py)
+        check_reach(lm, *reach)
     calib_set = calibration_windows(lm.tokenizer, corpus, samples=samples, seq_len=seq_len, seed=seed)
     held = None
     if eval_windows is not None:
