@@ -177,7 +177,6 @@ def build_distill(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "models": Command("list the offline models, installed or cached", (
         "codeprune models",
-        "codeprune models --json",
         "codeprune models --install smollm2-135m",
         "codeprune models --verify",
         "codeprune models --rebuild smollm2-135m",
