@@ -1,7 +1,7 @@
 """The ``codeprune`` command: argument parsing and printing around ``codeprune.api``.
 
     codeprune --version
-    codeprune models [--install NAME] [--json]
+    codeprune models [--install NAME | --verify [ALIAS...] | --rebuild ALIAS] [--json]
     codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
     codeprune prune --model smollm2-135m --method flap --ratio 0.2 --out runs/flap20
     codeprune prune --model smollm2-135m --method taylor --importance element1 --ratio 0.2 --out runs/t20
