@@ -183,7 +183,7 @@ def gradient_pass(lm, input_ids: torch.Tensor, layers: list[int], *, second_orde
                 if not torch.isfinite(loss):  # NaN scores would rank every structure at random
                     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
                     raise CorruptModelError(
-                        f"model '{lm.name}' gives a non-finite loss ({float(loss)}) on calibration "
+                        f"model '{lm.name}' gives a non-finite loss ({loss.item()}) on calibration "
                         f"sample {k}: its weights are corrupt or overflow in {dtype}")
                 if backward:
                     loss.backward()
