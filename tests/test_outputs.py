@@ -155,3 +155,43 @@ def test_sigkill_between_renames_is_impossible_with_exchange(tmp_path, monkeypat
     write_atomically(out, False, lambda t: (t / "v").write_text("1"))
     write_atomically(out, True, lambda t: (t / "v").write_text("2"))
     assert (out / "v").read_text() == "2" and names(tmp_path) == ["run"]
+
+
+def test_a_previous_output_moved_aside_by_a_dead_writer_is_put_back(tmp_path):
+    """SIGKILL between install's two renames (file systems without renameat2): the next check
+    restores the previous output instead of deleting it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = process_tag().rsplit("_", 1)[1]
+    old = tmp_path / f".run.old-{dead.pid}_{10**12}_{host}-x"
+    old.mkdir()
+    (old / "v").write_text("previous")
+    check_output(tmp_path / "run", True)
+    release(tmp_path / "run")
+    assert names(tmp_path) == ["run"] and (tmp_path / "run" / "v").read_text() == "previous"
+
+
+def test_another_machines_tags_are_left_alone(tmp_path):
+    pid, start, host = process_tag().split("_")
+    other = "0123abcd" if host != "0123abcd" else "fedc9876"
+    (tmp_path / f"codeprune-sandbox-999999_5_{other}-a").mkdir()  # a live process of another host
+    (tmp_path / f"codeprune-sandbox-999999_5_{host}-a").mkdir()  # a dead one of ours
+    assert owner_alive(f"999999_5_{other}") and not owner_alive(f"999999_5_{host}")
+    remove_stale(tmp_path, "codeprune-sandbox-")
+    assert names(tmp_path) == [f"codeprune-sandbox-999999_5_{other}-a"]
+
+
+def test_home_and_current_folder_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path), str(tmp_path.parent), "~"):
+        with pytest.raises(OutputWriteError, match="home folder or holds the current folder"):
+            check_output(out, True)
+
+
+def test_a_relative_claim_is_recognised(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with claims():
+        check_output("run", False)
+        check_output("other", False)  # sweeps the folder: must not take this process's own lock
+        assert (tmp_path / ".run.codeprune-lock").exists()
+    assert names(tmp_path) == []

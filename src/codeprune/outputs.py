@@ -3,7 +3,7 @@
     out = check_output("runs/wanda50", False, inputs=["smollm2-135m"], expected_bytes=300e6)
     write_atomically("runs/wanda50", False, lambda tmp: (tmp / "a.json").write_text("{}"))
     write_file_atomically("data/instr.jsonl", False, lambda f: f.write("{}\\n"))
-    work = scratch_dir("codeprune-sandbox-")          # /tmp/codeprune-sandbox-<pid>_<start>-x1y2
+    work = scratch_dir("codeprune-sandbox-")          # /tmp/codeprune-sandbox-<pid>_<start>_<host>-x1y2
 
 Every output location is checked before any work (``check_output``): the nearest
 existing folder on the way must be a folder, writable, outside the input model,
@@ -21,12 +21,17 @@ even under SIGKILL). An OSError while writing (no space, quota, read-only,
 permission) becomes OutputWriteError, and nothing is left behind.
 
 Every temporary folder or file codeprune makes carries its owner's tag,
-``<pid>_<start time>`` (the start time tells a reused pid apart). A process killed
-with SIGKILL cannot clean up: ``remove_stale`` (run by the next ``check_output``
-on that folder, and by the sandbox on the temporary folder) removes those whose
-owner is gone. Before the move every folder inside becomes mode 0755 and every
-file 0644 (mkdtemp makes 0700 and transformers writes safetensors 0600), so other
-users of a shared machine can read a checkpoint.
+``<pid>_<start time>_<host>`` (the start time tells a reused pid apart; the host,
+8 hex digits of its name, keeps a shared folder's other machines out of it). A
+process killed with SIGKILL cannot clean up: ``remove_stale`` (run by the next
+``check_output`` on that folder, by the sandbox on the temporary folder, by the
+model cache on its root) removes those whose owner is gone; a previous output
+that a writer without renameat2 had moved aside (``.NAME.old-<tag>``) when it
+died is put back first. Before the move every folder inside becomes mode 0755 and
+every file 0644 (mkdtemp makes 0700 and transformers writes safetensors 0600), so
+other users of a shared machine can read a checkpoint. ``check_output`` refuses
+an output that is your home folder or holds the current folder (``--out .``
+with ``--overwrite`` would replace it).
 """
 
 from __future__ import annotations
@@ -35,15 +40,17 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from codeprune.errors import OutputExistsError, OutputWriteError
 
-_TAG = re.compile(r"(\d+)_(\d+)-")
+_TAG = re.compile(r"(\d+)_(\d+)(?:_([0-9a-f]{8}))?-")
 _LOCK_SUFFIX = ".codeprune-lock"
 _HELD: dict[Path, int] = {}  # claimed outputs of this process -> the lock file's descriptor
 
@@ -68,17 +75,24 @@ def _start_time(pid: int) -> int | None:
     return int(stat[stat.rfind(b")") + 2:].split()[19])
 
 
+def _host() -> str:
+    """8 hex digits naming this machine (its host name): a shared folder (NFS, a cache mounted in
+    containers) holds other machines' folders, whose pids mean nothing here."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def process_tag(pid: int | None = None) -> str:
-    """``<pid>_<start time>`` of a process (this one by default): names its temporary files."""
+    """``<pid>_<start time>_<host>`` of a process (this one by default): names its temporary files."""
     pid = os.getpid() if pid is None else pid
-    return f"{pid}_{_start_time(pid) or 0}"
+    return f"{pid}_{_start_time(pid) or 0}_{_host()}"
 
 
 def owner_alive(tag: str) -> bool:
-    """Whether the process a tag names still runs (the same process, not a reused pid)."""
+    """Whether the process a tag names still runs (the same process, not a reused pid). Tags of
+    another machine are not ours to judge: alive."""
     m = _TAG.match(tag + "-")
-    if m is None:
-        return True  # not ours to judge
+    if m is None or (m.group(3) is not None and m.group(3) != _host()):
+        return True
     pid, start = int(m.group(1)), int(m.group(2))
     now = _start_time(pid)
     return now is not None and (start == 0 or now in (0, start))
@@ -124,12 +138,20 @@ def remove_stale(dir: str | Path, prefix: str | re.Pattern = "") -> list[Path]:
 
 # hidden siblings that write_atomically / write_file_atomically make: .<name>.tmp-<tag>-...
 _SIBLINGS = re.compile(r"\..+\.(tmp|old)-")
+_OLD = re.compile(r"\.(.+)\.old-")
 
 
 def _remove_stale_siblings(folder: Path) -> None:
+    """Remove what dead writers left beside their outputs, after putting back a previous output
+    that a writer without renameat2 had moved aside when it died (``install``'s fallback)."""
+    for name in os.listdir(folder):
+        m = _OLD.match(name)
+        tag = _TAG.match(name[m.end():]) if m else None
+        if tag and not owner_alive(tag.group(0)[:-1]) and not (folder / m.group(1)).exists():
+            os.replace(folder / name, folder / m.group(1))
     remove_stale(folder, _SIBLINGS)
-    for lock in folder.glob(f".*{_LOCK_SUFFIX}") if folder.is_dir() else ():
-        if lock.with_name(lock.name[1:-len(_LOCK_SUFFIX)]) not in _HELD:
+    for lock in folder.glob(f".*{_LOCK_SUFFIX}"):
+        if lock.with_name(lock.name[1:-len(_LOCK_SUFFIX)]).absolute() not in _HELD:
             _remove_if_unlocked(lock)
 
 
@@ -159,6 +181,9 @@ def check_output(out: str | Path, overwrite: bool, *, inputs=(), expected_bytes:
     written, checked against the free space. ``kind``: "folder" or "file". ``claim``: False in
     the processes of a distributed run that do not write (only rank 0 claims)."""
     out = Path(out).expanduser()
+    whole = out.resolve()
+    if whole == Path.home().resolve() or Path(os.path.abspath(os.curdir)).resolve().is_relative_to(whole):
+        raise OutputWriteError(f"refusing to write {out}: it is your home folder or holds the current folder")
     if out.exists() or out.is_symlink():
         if kind == "folder" and not out.is_dir():
             raise OutputExistsError(f"output path {out} exists and is not a folder")
@@ -257,12 +282,13 @@ def claims():
 
 def _remove_if_unlocked(lock: Path) -> None:
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lock.unlink(missing_ok=True)
+        if os.fstat(fd).st_ino == os.stat(lock).st_ino:  # still the file we locked, not a new claim
+            lock.unlink(missing_ok=True)
     except OSError:
         pass
     finally:

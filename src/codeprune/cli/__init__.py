@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in _WRITE_FAULTS:  # a bug or an unexpected failure: keep its traceback
             raise
         where = f" {e.filename}" if e.filename else ""
-        print(f"codeprune: error: cannot write{where}: {e.strerror}", file=sys.stderr)
+        what = "cannot access" if e.errno == errno.EACCES else "cannot write"  # EACCES: a read too
+        print(f"codeprune: error: {what}{where}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("codeprune: interrupted", file=sys.stderr)
