@@ -67,3 +67,13 @@ def test_evaluate_and_cli_refuse_a_nan_model(tiny_tokenizer, tmp_path, capsys, m
     assert rc == 2 and out == ""
     assert len(err.splitlines()) == 1 and "gives non-finite logits (nan/inf)" in err
     assert not (tmp_path / "report").exists()
+
+
+def test_generation_stops_at_non_finite_logits(tiny_llama):
+    """Greedy decoding of NaN logits would emit token 0 forever and score pass@1 = 0 with exit 0."""
+    from codeprune.evaluation.humaneval import generate_texts
+
+    with torch.no_grad():
+        tiny_llama.model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="tiny-llama' gives non-finite logits .* 'humaneval generate'"):
+        generate_texts(tiny_llama, ["def f(x):\n"], max_new_tokens=3, desc="humaneval generate")

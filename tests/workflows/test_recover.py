@@ -218,3 +218,21 @@ def test_overwrite_starts_afresh(tmp_path):
     assert (tmp_path / "rec.checkpoints").is_dir()
     res = recover(folder, data, out=tmp_path / "rec", config=cfg, device="cpu", eval_ppl=None, overwrite=True)
     assert res.report["training"]["resumed_from"] is None and res.report["steps"] == 2
+
+
+def test_a_full_disk_while_training_is_one_error_and_resumable(tmp_path, monkeypatch):
+    """torch.save reports a full disk as RuntimeError('... file write failed'): one typed error."""
+    from codeprune.errors import OutputWriteError
+
+    folder = tiny_folder(tmp_path)
+    data = write_data(tmp_path / "d.jsonl")
+    cfg = RecoverConfig(**{**QUICK, "save_steps": 2, "eval_steps": 2})
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputWriteError, match="cannot write the training checkpoints .* file write failed"):
+        recover(folder, data, out=tmp_path / "rec", config=cfg, device="cpu", eval_ppl=None)
+    assert not (tmp_path / "rec").exists()

@@ -28,15 +28,18 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.evaluation.passk import mean_pass_at_k
+from codeprune.evaluation.perplexity import check_finite
 from codeprune.evaluation.sandbox import STATUSES, SandboxLimits, check_sandbox, run_programs
 from codeprune.options import opt
 
@@ -306,6 +309,19 @@ def generate_completions(lm, problems: list[dict], *, n: int = 1, temperature: f
             for p, outs in zip(problems, texts, strict=True) for raw in outs]
 
 
+class _FiniteLogits(LogitsProcessor):
+    """Stops generation at the first NaN / +inf logit (corrupt or overflowing weights), naming
+    the model, instead of decoding token 0 forever (greedy) or failing inside sampling."""
+
+    def __init__(self, lm, desc: str):
+        self.lm, self.desc = lm, desc
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if bool(torch.isnan(scores).any() or torch.isposinf(scores).any()):  # -inf: masked by top-p
+            check_finite(self.lm, math.nan, f"'{self.desc}' prompts")
+        return scores
+
+
 @torch.no_grad()
 def generate_texts(lm, prompts: list[str], *, n: int = 1, temperature: float = 0.0, top_p: float = 0.95,
                    max_new_tokens: int = 512, batch_size: int = 8, stops=(), seed: int = 0,
@@ -328,6 +344,7 @@ def generate_texts(lm, prompts: list[str], *, n: int = 1, temperature: float = 0
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if stops:
         kwargs.update(stop_strings=list(stops), tokenizer=tok)
+    kwargs["logits_processor"] = LogitsProcessorList([_FiniteLogits(lm, desc)])
     was_training = model.training
     model.eval()
     try:

@@ -27,6 +27,7 @@ Flow:
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import math
@@ -44,7 +45,7 @@ from codeprune.data import heldout_windows, read_source
 from codeprune.data.calibration import check_window_sizes
 from codeprune.data.instructions import EVAL_FRACTION, read_instructions
 from codeprune.data.prompts import Collator, encode_all
-from codeprune.errors import ConfigError, CorruptModelError
+from codeprune.errors import ConfigError, CorruptModelError, OutputWriteError
 from codeprune.evaluation.perplexity import perplexity, protocol
 from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
@@ -240,7 +241,7 @@ def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resu
     trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                       data_collator=Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
                       callbacks=callbacks)
-    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout stays for results
+    with contextlib.redirect_stdout(sys.stderr), _writing(work):  # the Trainer prints its logs to stdout
         eval_before = trainer.evaluate()["eval_loss"] if eval_set and resume is None else None
         if eval_before is not None and state.is_main_process:
             (work / "eval_before.json").write_text(json.dumps({"eval_loss": eval_before}) + "\n")
@@ -255,6 +256,23 @@ def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resu
         eval_before = json.loads(before.read_text())["eval_loss"] if before.is_file() else None
     return _Trained(adapter_dir, trainable, train_out, seconds, eval_before, eval_after,
                     list(trainer.state.log_history))
+
+
+@contextlib.contextmanager
+def _writing(work: Path):
+    """The Trainer's checkpoint writes: a full disk (an OSError, or torch.save's RuntimeError
+    "file write failed") becomes one OutputWriteError; the run resumes from the last whole
+    checkpoint once there is room."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) if isinstance(e, OSError) \
+            else "write failed" in str(e) or "No space left" in str(e)
+        if full:
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+            raise OutputWriteError(f"cannot write the training checkpoints in {work}: {reason}; run the "
+                                   "same command again to resume from the last whole checkpoint") from e
+        raise
 
 
 def _config(config: RecoverConfig | None, options: dict) -> RecoverConfig:
