@@ -13,9 +13,11 @@ soak runs ``python -m codeprune eval --humaneval --completions FILE --workers 4
 --timeout 3 --k 1 --out DIR`` and checks: exit 0, every sample's pass/fail as
 expected, and afterwards no process of codeprune's throwaway uids, no
 ``codeprune-sandbox-*`` folder, no new file in /dev/shm, /tmp or /var/tmp from
-the programs. It prints programs/s and peak memory: the largest single process
-(``ru_maxrss`` of the children) and the sum over codeprune and every process
-of its sandboxes (sampled every 0.1 s).
+the programs, no new SysV shared memory segment, message queue or semaphore set
+(``/proc/sysvipc``; the ``ipc`` kind makes all three) nor POSIX message queue.
+It prints programs/s and peak memory: the largest single process (``ru_maxrss``
+of the children) and the sum over codeprune and every process of its sandboxes
+(sampled every 0.1 s).
 
 Figures (``.venv/bin/python bench/soak.py``, root on 2 shared cores, load 3 at the start;
 every protection held: network, mount namespace, minimal read-only root, private
@@ -60,6 +62,8 @@ KINDS = [
     ("reads-outside", 6, True, "for _p in ('/etc/passwd', '/root/.bashrc', '/home', '/work'):\n    try:\n"
                                "        open(_p).read()\n    except OSError:\n        pass\n"),
     ("memory", 5, False, "_x = bytearray(8 << 30)\n"),
+    ("ipc", 4, True, "import ctypes\n_l = ctypes.CDLL(None)\n_l.shmget(0, 8 << 20, 0o1000 | 0o600)\n"
+                     "_l.msgget(0, 0o1000 | 0o600)\n_l.semget(0, 1, 0o1000 | 0o600)\n"),
     ("fork-bomb", 1, False, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
                             "        pass\n"),
     ("sleeps", 1, False, "import time\ntime.sleep(100)\n"),
@@ -114,9 +118,28 @@ def uids_of(pid: int) -> range:
     return range(low, low + 1024)
 
 
-def leftovers(pid: int, token: str) -> list[str]:
-    """What a codeprune process ``pid`` (now gone) left: processes, folders, files with ``token``."""
-    left = []
+def ipc_objects() -> set[str]:
+    """The SysV shared memory segments, message queues and semaphore sets, and the POSIX message
+    queues (where /dev/mqueue is mounted), of this IPC namespace."""
+    out = set()
+    for kind in ("shm", "msg", "sem"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                out |= {f"{kind} key {line.split()[0]} id {line.split()[1]}"
+                        for line in f.readlines()[1:] if line.strip()}
+        except OSError:
+            pass
+    try:
+        out |= {f"mqueue {n}" for n in os.listdir("/dev/mqueue")}
+    except OSError:
+        pass
+    return out
+
+
+def leftovers(pid: int, token: str, ipc_before: set[str] = frozenset()) -> list[str]:
+    """What a codeprune process ``pid`` (now gone) left: processes, folders, files with ``token``,
+    IPC objects not in ``ipc_before``."""
+    left = sorted(f"IPC {o}" for o in ipc_objects() - set(ipc_before))
     uids = uids_of(pid)
     for entry in os.listdir("/proc"):
         try:
@@ -146,6 +169,7 @@ def run_soak(n: int, work: Path, *, workers: int = 4, timeout: float = 3.0) -> d
     if n < len(problems()):
         cmd += ["--limit", str(n)]  # every problem scored needs a completion
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ipc_before = ipc_objects()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0]
@@ -174,7 +198,8 @@ def run_soak(n: int, work: Path, *, workers: int = 4, timeout: float = 3.0) -> d
         "stderr_tail": stderr[-2000:], "seconds": seconds, "programs_per_s": n / seconds,
         "peak_rss_total_mb": peak[0] / 2**20,
         "max_rss_single_process_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "results": len(results), "mismatches": mismatches, "leftovers": leftovers(proc.pid, token),
+        "results": len(results), "mismatches": mismatches,
+        "leftovers": leftovers(proc.pid, token, ipc_before),
         "kinds": count,
         "mean_seconds": {k: round(sum(r["seconds"] for (_, kind, _), r in pairs if kind == k) / max(1, c), 3)
                          for k, c in count.items()},

