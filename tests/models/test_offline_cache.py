@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from codeprune.cli import main
-from codeprune.errors import CorruptModelError
+from codeprune.errors import CorruptModelError, OutputWriteError
 from codeprune.models import cache, offline
 from codeprune.models.loading import load_model
 from codeprune.models.offline import OFFLINE_MODELS
@@ -132,7 +132,7 @@ def test_rebuild_keeps_the_old_entry_until_the_new_one_is_whole(alias, _private_
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(offline, "_dequantize_to_folder", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputWriteError, match="No space left on device; nothing was written"):
         offline.rebuild(alias)
     assert _weights(folder).read_bytes() == before
     assert offline.verify_entries([alias]) == [(alias, "ok")]

@@ -32,25 +32,36 @@ the files as they are; one that fails is reported corrupt, with the rebuild comm
 
 Concurrency: building, checking and rebuilding an entry hold an exclusive
 ``fcntl.flock`` on ``<root>/.lock-<kind>-<name>`` (lock files are never removed, so
-two processes never lock different inodes). A second process building the same
-entry waits, then finds it built.
+two processes never lock different inodes; an existing one is opened read-only, as
+flock needs no write access). A second process building the same entry waits, then
+finds it built.
+
+A cache this process cannot write (another user's, a read-only mount) still loads:
+where the marker cannot be made, sizes (and the hashes of pending entries) are
+checked, crash detection is off (one warning on stderr), and building an entry there
+fails with one OutputWriteError naming the folder. A write fault while building (no
+space, quota, permission; safetensors reports a full disk as SafetensorError) is
+one OutputWriteError too, and the free space is checked before a build starts.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from codeprune.errors import CorruptModelError
+from codeprune.errors import CorruptModelError, OutputExistsError, OutputWriteError
+from codeprune.outputs import _is_io_error as is_io_error
 from codeprune.outputs import install, remove_stale, scratch_dir, scratch_file
 
 MANIFEST = "codeprune-manifest.json"
@@ -58,6 +69,9 @@ PENDING = "verify-pending.json"
 _ACTIVE_PREFIX = ".active-"
 _TMP = re.compile(r"\..+\.tmp-")  # .<entry>.tmp-<tag>-...: an entry being built
 _ACTIVE: dict[Path, tuple[int, Path]] = {}  # cache roots this process uses -> (pid, its marker there)
+_READ_ONLY: dict[Path, str] = {}  # cache roots this process cannot write -> why
+_WARNED: set[Path] = set()
+_DENIED = (errno.EACCES, errno.EROFS, errno.EPERM)
 
 
 @dataclass(frozen=True)
@@ -86,15 +100,51 @@ class CacheEntry:
 
 # --- locks, crash markers, the pending list -------------------------------------------------
 
+def _denied(e: OSError) -> bool:
+    return e.errno in _DENIED
+
+
 @contextlib.contextmanager
 def _flock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive flock on ``path``; no lock where it can neither be opened nor made (a cache
+    this process cannot write: it builds nothing there)."""
+    fd = _open_lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:  # NFS emulates flock with POSIX locks: LOCK_EX needs a writable fd
+                if e.errno != errno.EBADF:
+                    raise
+                os.close(fd)
+                fd = _open(path, os.O_RDWR)
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+
+def _open(path: Path, flags: int) -> int | None:
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        if flags & os.O_CREAT:
+            return None
+        raise
+    except OSError:  # another user's, a read-only cache, a root that is not a folder: no lock
+        return None
+
+
+def _open_lock(path: Path) -> int | None:
+    try:
+        return _open(path, os.O_RDONLY)  # flock needs no write access: another user's lock file works
+    except FileNotFoundError:
+        pass
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return _open(path, os.O_RDWR | os.O_CREAT)
 
 
 def entry_lock(entry: CacheEntry):
@@ -102,19 +152,45 @@ def entry_lock(entry: CacheEntry):
     return _flock(entry.root / f".lock-{entry.folder.parent.name}-{entry.folder.name}")
 
 
-def note_crashes(root: Path) -> None:
+def note_crashes(root: Path) -> bool:
     """Hold this process's marker in ``root``; a dead process's marker puts every entry on the
-    pending list (hashed on next load)."""
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale(root, f".{PENDING}.tmp-")
-    if remove_stale(root, _ACTIVE_PREFIX):
-        _mark_pending(root, [f"{k}/{p.name}" for k in ("models", "gguf") for p in _entries(root / k)])
+    pending list (hashed on next load). False where ``root`` cannot be written (crash detection off)."""
     if _ACTIVE.get(root, (None,))[0] != os.getpid():  # a forked child makes its own
-        fd, marker = scratch_file(_ACTIVE_PREFIX, root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, marker = scratch_file(_ACTIVE_PREFIX, root)
+        except OSError as e:  # another user's, read-only, full, not a folder: used as it is
+            _READ_ONLY[root] = e.strerror or str(e)
+            return False
         os.close(fd)
+        _READ_ONLY.pop(root, None)
+        _WARNED.discard(root)
         if not _ACTIVE:
             atexit.register(_drop_markers)
         _ACTIVE[root] = (os.getpid(), marker)
+    try:  # markers are judged by outputs.owner_alive: another host's (a shared cache) count as alive
+        remove_stale(root, f".{PENDING}.tmp-")
+        dead = remove_stale(root, _ACTIVE_PREFIX)
+    except OSError as e:  # another user's dead marker in a shared (sticky) folder: not ours to judge
+        if not _denied(e):
+            raise
+        dead = []
+    if dead:
+        _mark_pending(root, [f"{k}/{p.name}" for k in ("models", "gguf") for p in _entries(root / k)])
+    return True
+
+
+def _warn_read_only(root: Path) -> None:
+    if root not in _WARNED:
+        print(f"codeprune: warning: the model cache {root} is read-only: crash detection off",
+              file=sys.stderr)
+        _WARNED.add(root)
+
+
+def _refuse_build(entry: CacheEntry) -> OutputWriteError:
+    return OutputWriteError(f"cannot build the cache of '{entry.name}': the model cache {entry.root} "
+                            f"cannot be written ({_READ_ONLY.get(entry.root, 'read-only')}); set "
+                            "CODEPRUNE_CACHE to a folder you can write")
 
 
 def _drop_markers() -> None:
@@ -137,6 +213,14 @@ def _pending(root: Path) -> set[str]:
 
 
 def _mark_pending(root: Path, keys: list[str], *, add: bool = True) -> None:
+    try:
+        _update_pending(root, keys, add)
+    except OSError as e:  # another user's pending list: it stays as it is
+        if not _denied(e):
+            raise
+
+
+def _update_pending(root: Path, keys: list[str], add: bool) -> None:
     with _flock(root / ".lock-pending"):
         now = _pending(root)
         new = now | set(keys) if add else now - set(keys)
@@ -146,9 +230,12 @@ def _mark_pending(root: Path, keys: list[str], *, add: bool = True) -> None:
             (root / PENDING).unlink(missing_ok=True)
             return
         fd, tmp = scratch_file(f".{PENDING}.tmp-", root)
-        with os.fdopen(fd, "w") as f:
-            json.dump(sorted(new), f)
-        os.replace(tmp, root / PENDING)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(sorted(new), f)
+            os.replace(tmp, root / PENDING)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # --- manifests ------------------------------------------------------------------------------
@@ -162,20 +249,32 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(_MANIFEST_TMP))
+
+
+_MANIFEST_TMP = f".{MANIFEST}.tmp-"
 
 
 def write_manifest(folder: Path) -> None:
-    """Record every file's size and sha256 in ``folder/MANIFEST``, each file fsynced first."""
+    """Record every file's size and sha256 in ``folder/MANIFEST`` (each file fsynced first), written
+    to an owner-tagged temporary file and moved into place in one step."""
+    remove_stale(folder, _MANIFEST_TMP)
     files = {}
     for p in _files(folder):
         with open(p, "rb") as f:
             os.fsync(f.fileno())
         files[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    with open(folder / MANIFEST, "w") as f:
-        json.dump({"version": 1, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    fd, tmp = scratch_file(_MANIFEST_TMP, folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)
+        os.replace(tmp, folder / MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_manifest(entry: CacheEntry) -> dict:
@@ -217,7 +316,10 @@ def _adopt(entry: CacheEntry) -> None:
             raise entry.corrupt(f"{path.name}: {str(e).strip()[:120]}") from None
         if bad is not None:
             raise entry.corrupt(f"{path.name}: tensor {bad} holds nan/inf")
-    write_manifest(entry.folder)
+    try:
+        write_manifest(entry.folder)
+    except OSError:  # another user's entry, a full disk: it checked out; adopted again next time
+        pass
 
 
 def _finite(t) -> bool:
@@ -229,32 +331,43 @@ def _finite(t) -> bool:
 # --- ensure, verify, build ------------------------------------------------------------------
 
 def ensure(entry: CacheEntry, *, built: Callable[[Path], bool], fill: Callable[[Path], None],
-           rebuild: bool = False) -> Path:
+           rebuild: bool = False, need: Callable[[], float | None] | None = None) -> Path:
     """``entry.folder``, checked; built (or with ``rebuild`` rebuilt) by ``fill(tmp_folder)`` when
-    ``built(folder)`` says it is absent or out of date."""
-    note_crashes(entry.root)
+    ``built(folder)`` says it is absent or out of date. ``need()``: about the bytes ``fill`` writes
+    (None: unknown), checked against the free space before it starts."""
+    writable = note_crashes(entry.root)
     with entry_lock(entry):
         if not rebuild and entry.folder.is_dir() and built(entry.folder):
-            _check_on_load(entry)
+            if not writable:
+                _warn_read_only(entry.root)
+            _check_on_load(entry, writable)
             return entry.folder
-        _build(entry, fill)
+        if not writable:
+            raise _refuse_build(entry)
+        try:
+            _build(entry, fill, need)
+        except OutputExistsError:  # built by a process that could not take the lock (unreadable lock file)
+            if rebuild or not entry.folder.is_dir():
+                raise
+            _check_on_load(entry, writable)
     return entry.folder
 
 
-def _check_on_load(entry: CacheEntry) -> None:
+def _check_on_load(entry: CacheEntry, writable: bool = True) -> None:
     pending = entry.key in _pending(entry.root)
     if not (entry.folder / MANIFEST).is_file():
         _adopt(entry)
     else:
         check(entry, hashes=pending)
-    if pending:
+    if pending and writable:
         _mark_pending(entry.root, [entry.key], add=False)
 
 
 def verify(entry: CacheEntry) -> str | None:
     """None when ``entry`` matches its manifest (hashes included), else "corrupt (what is wrong):
     run ..."; an entry without a manifest is adopted (see the module docstring)."""
-    note_crashes(entry.root)
+    if not note_crashes(entry.root):
+        _warn_read_only(entry.root)
     with entry_lock(entry):
         try:
             if (entry.folder / MANIFEST).is_file():
@@ -267,13 +380,28 @@ def verify(entry: CacheEntry) -> str | None:
     return None
 
 
-def _build(entry: CacheEntry, fill: Callable[[Path], None]) -> None:
-    """Fill a tagged temporary folder, write its manifest, move it into place (caller holds the lock)."""
+def remove(entry: CacheEntry) -> None:
+    """Remove an entry (one no load will ask for again): moved aside in one step, then deleted."""
+    with entry_lock(entry):
+        if entry.folder.is_dir():
+            tmp = scratch_dir(f".{entry.folder.name}.tmp-", entry.folder.parent)
+            try:
+                os.replace(entry.folder, tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    _mark_pending(entry.root, [entry.key], add=False)
+
+
+def _build(entry: CacheEntry, fill: Callable[[Path], None], need: Callable[[], float | None] | None) -> None:
+    """Fill a tagged temporary folder, write its manifest, move it into place (caller holds the lock);
+    a write fault is one OutputWriteError, with the temporary folder removed."""
     parent = entry.folder.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(parent, _TMP)
-    tmp = scratch_dir(f".{entry.folder.name}.tmp-", parent)
+    tmp = None
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _check_space(entry, need() if need else None)
+        remove_stale(parent, _TMP)
+        tmp = scratch_dir(f".{entry.folder.name}.tmp-", parent)
         fill(tmp)
         write_manifest(tmp)
         tmp.chmod(0o755)
@@ -283,6 +411,31 @@ def _build(entry: CacheEntry, fill: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except Exception as e:
+        if not is_io_error(e):
+            raise
+        raise OutputWriteError(f"cannot build the cache of '{entry.name}' in {parent}: {_reason(e)}; "
+                               "nothing was written") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     _mark_pending(entry.root, [entry.key], add=False)
+
+
+def _check_space(entry: CacheEntry, need: float | None) -> None:
+    if not need:
+        return
+    free = shutil.disk_usage(entry.folder.parent).free
+    if free < need * 1.05 + 16 * 2**20:
+        raise OutputWriteError(f"not enough space for the cache of '{entry.name}': about {need / 2**20:,.0f} "
+                               f"MiB needed, {free / 2**20:,.0f} MiB free in {entry.folder.parent}; free "
+                               "some or set CODEPRUNE_CACHE to a folder on a larger disk")
+
+
+def _reason(e: Exception) -> str:
+    """The OS's words for a write fault (safetensors wraps them: ``I/O error: No space left on device
+    (os error 28) at path ...``)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))
+    return m.group(1) if m else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -20,8 +20,14 @@ names the entry and ``codeprune models --rebuild NAME``. Building holds a per-en
 lock (``<cache>/.lock-<kind>-<name>``), so two processes produce one entry; a crash
 is detected by a dead process's ``<cache>/.active-<pid>_<start>-*`` marker.
 
-    codeprune models --verify                 # ok / corrupt (which file) / not cached, per entry
+    codeprune models --verify                 # ok / corrupt (which file) / stale / not cached
     codeprune models --rebuild smollm2-135m   # the old entry stays until the new one is complete
+
+A .gguf entry whose file has since moved or changed is never loaded again: ``--verify``
+reports it stale (exit 0: only corrupt entries exit 2), and ``--rebuild`` of the
+.gguf path, or of the entry's folder, builds the current one and removes the stale.
+Before a build the free space is checked against the dequantized size (float32:
+the .gguf's tensor count times 4 bytes, or at least 4x a Q4 file's size).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pathlib import Path
 import torch
 
 from codeprune.errors import CorruptModelError, ModelNotFoundError, ModelNotInstalledError
-from codeprune.models.cache import CacheEntry, ensure, verify
+from codeprune.models.cache import CacheEntry, ensure, remove, verify
 from codeprune.outputs import remove_stale, scratch_dir
 
 SOURCE_FILE = "codeprune-source.json"  # written beside cached weights: where they came from
@@ -293,7 +299,25 @@ def ensure_cached(alias: str, *, rebuild: bool = False) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    return ensure(alias_entry(alias), built=lambda _: is_cached(spec), fill=fill, rebuild=rebuild)
+    def need() -> float | None:  # the assembled parts of a split GGUF sit beside it while it is built
+        factor = _DEQUANTIZED_FACTOR.get(spec.quantization[:2].upper())
+        return factor and factor * spec.size + (spec.size if len(spec.parts) > 1 else 0)
+
+    return ensure(alias_entry(alias), built=lambda _: is_cached(spec), fill=fill, rebuild=rebuild, need=need)
+
+
+# float32 bytes per byte of a GGUF file of that type, rounded down (Q4_K_M: about 5.1 measured)
+_DEQUANTIZED_FACTOR = {"Q2": 4, "Q3": 4, "Q4": 4, "Q5": 4, "Q6": 3, "Q8": 3, "F1": 2, "BF": 2, "F3": 1}
+
+
+def _gguf_float32_bytes(path: Path) -> float | None:
+    """The size of a .gguf file's tensors dequantized to float32 (None: unreadable, told later)."""
+    try:
+        from gguf import GGUFReader
+
+        return 4.0 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    except Exception:  # an unreadable file fails in the dequantization, with a clear error
+        return None
 
 
 def gguf_entry(path: Path) -> CacheEntry:
@@ -309,24 +333,28 @@ def gguf_cache(path: Path, *, rebuild: bool = False) -> Path:
                 "note": "dequantized from a GGUF file: quantized weights, not the original"}
         _dequantize_to_folder(path, tmp, info)
 
-    return ensure(gguf_entry(path), built=lambda f: (f / SOURCE_FILE).is_file(), fill=fill, rebuild=rebuild)
+    return ensure(gguf_entry(path), built=lambda f: (f / SOURCE_FILE).is_file(), fill=fill, rebuild=rebuild,
+                  need=lambda: _gguf_float32_bytes(path))
 
 
 def cache_entries(names: list[str] | None = None) -> list[CacheEntry]:
-    """The entries ``codeprune models --verify`` checks: ``names`` (aliases, .gguf paths), or every
-    alias and every dequantized .gguf in the cache."""
+    """The entries ``codeprune models --verify`` checks: ``names`` (aliases, .gguf paths, cache
+    folders), or every alias and every dequantized .gguf in the cache."""
     if names:
         return [_named_entry(n) for n in names]
-    out = [alias_entry(a) for a in OFFLINE_MODELS]
     folder = cache_root() / "gguf"
-    for p in sorted(folder.iterdir()) if folder.is_dir() else ():
-        if p.is_dir() and not p.name.startswith("."):
-            try:
-                src = json.loads((p / SOURCE_FILE).read_text()).get("gguf") or p.name
-            except (OSError, ValueError, AttributeError):
-                src = p.name
-            out.append(CacheEntry(Path(src).name, p, str(src)))
-    return out
+    gguf = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
+    return [alias_entry(a) for a in OFFLINE_MODELS] + [_folder_entry(p) for p in gguf]
+
+
+def _folder_entry(folder: Path) -> CacheEntry:
+    """The entry of a cache folder of a .gguf file (named after the file it was built from)."""
+    try:
+        src = json.loads((folder / SOURCE_FILE).read_text()).get("gguf") or str(folder)
+    except (OSError, ValueError, AttributeError):
+        src = str(folder)
+    return CacheEntry(Path(src).name, folder, str(src))
 
 
 def _named_entry(name: str) -> CacheEntry:
@@ -335,27 +363,64 @@ def _named_entry(name: str) -> CacheEntry:
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return gguf_entry(path)
-    raise ModelNotFoundError(f"'{name}' is neither an offline alias ({', '.join(OFFLINE_MODELS)}) "
-                             "nor a .gguf file")
+    if path.is_dir():  # an entry's folder, as --verify prints it for a stale one
+        kind = path.resolve().parent
+        if kind == (cache_root() / "gguf").resolve():
+            return _folder_entry(cache_root() / "gguf" / path.name)
+        if kind == (cache_root() / "models").resolve() and path.name in OFFLINE_MODELS:
+            return alias_entry(path.name)
+    raise ModelNotFoundError(f"'{name}' is neither an offline alias ({', '.join(OFFLINE_MODELS)}), "
+                             "a .gguf file nor a folder of the model cache")
+
+
+def _source_gguf(entry: CacheEntry) -> Path | None:
+    """The .gguf file a .gguf entry was built from, None for an alias (or a file it cannot name)."""
+    src = Path(entry.rebuild)
+    return src if entry.folder.parent.name == "gguf" and src.suffix == ".gguf" else None
+
+
+def stale(entry: CacheEntry) -> str | None:
+    """The --verify status of a .gguf entry whose file moved or changed since it was built (its key
+    hashes path, size and mtime: no load asks for it again), else None."""
+    if entry.folder.parent.name != "gguf":
+        return None
+    src = _source_gguf(entry)
+    try:
+        if src is not None and gguf_entry(src).folder == entry.folder:
+            return None
+    except OSError:  # gone
+        pass
+    how = f" or run `codeprune models --rebuild {src}`" if src is not None and src.is_file() else ""
+    return f"stale (its .gguf is gone or changed): remove {entry.folder}{how}"
 
 
 def verify_entries(names: list[str] | None = None) -> list[tuple[str, str]]:
-    """(name, "ok" | "not cached" | the corruption message) per cache entry (hashes checked)."""
+    """(name, "ok" | "not cached" | "stale ..." | the corruption message) per cache entry (hashes
+    checked; a stale entry's are not: it is never loaded)."""
     rows = []
     for entry in cache_entries(names):
         if not entry.folder.is_dir():
             rows.append((entry.name, "not cached"))
         else:
-            rows.append((entry.name, verify(entry) or "ok"))
+            rows.append((entry.name, stale(entry) or verify(entry) or "ok"))
     return rows
 
 
 def rebuild(name: str) -> Path:
-    """Rebuild the cache entry of an alias or a .gguf file; the old one stays until the new is whole."""
+    """Rebuild the cache entry of an alias, a .gguf file or a cache folder; the old one stays until the
+    new is whole, and the stale entries of the same .gguf file are removed."""
     entry = _named_entry(name)
-    if name in OFFLINE_MODELS:
-        return ensure_cached(name, rebuild=True)
-    return gguf_cache(Path(entry.rebuild), rebuild=True)
+    if entry.folder.parent.name == "models":
+        return ensure_cached(entry.name, rebuild=True)
+    src = _source_gguf(entry)
+    if src is None or not src.is_file():
+        raise ModelNotFoundError(f"cannot rebuild {entry.folder}: the .gguf it was built from "
+                                 f"({entry.rebuild}) is gone; remove the folder")
+    folder = gguf_cache(src, rebuild=True)
+    for other in cache_entries():
+        if other.folder != folder and _source_gguf(other) == src.resolve() and stale(other):
+            remove(other)
+    return folder
 
 
 def _mkdir(p: Path) -> Path:
