@@ -344,7 +344,7 @@ def _write_error(out: Path, e: BaseException) -> OutputWriteError:
     return OutputWriteError(f"cannot write {out}: {reason}; nothing was written")
 
 
-def _is_io_error(e: Exception) -> bool:
+def is_io_error(e: Exception) -> bool:
     """An OSError, or a library's wrapper of one (safetensors reports a full disk as SafetensorError)."""
     return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "os error" in str(e).lower())
 
@@ -363,7 +363,7 @@ def write_atomically(out: str | Path, overwrite: bool, fill, *, expected_bytes: 
     except OutputExistsError:
         raise
     except Exception as e:
-        if _is_io_error(e):
+        if is_io_error(e):
             raise _write_error(out, e) from e
         raise
     finally:
@@ -388,7 +388,7 @@ def write_file_atomically(out: str | Path, overwrite: bool, write, *, mode: str 
     except FileExistsError:
         raise OutputExistsError(f"{out} was written by another process while this one worked") from None
     except Exception as e:
-        if _is_io_error(e):
+        if is_io_error(e):
             raise _write_error(out, e) from e
         raise
     finally:

@@ -37,8 +37,8 @@ def build_models(p: argparse.ArgumentParser) -> None:
                    help="check the cache against its manifests (sha256), every entry when none is named; "
                         "exit 2 if one is corrupt")
     p.add_argument("--rebuild", metavar="ALIAS",
-                   help="rebuild the cache of an offline alias or a .gguf file (the old one stays until "
-                        "the new one is whole)")
+                   help="rebuild the cache of an offline alias, a .gguf file or a cache folder (the old one "
+                        "stays until the new one is whole)")
     add_json(p, "the list")
 
 

@@ -61,8 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeprune.errors import CorruptModelError, OutputExistsError, OutputWriteError
-from codeprune.outputs import _is_io_error as is_io_error
-from codeprune.outputs import install, remove_stale, scratch_dir, scratch_file
+from codeprune.outputs import install, is_io_error, remove_stale, scratch_dir, scratch_file
 
 MANIFEST = "codeprune-manifest.json"
 PENDING = "verify-pending.json"
