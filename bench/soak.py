@@ -19,12 +19,13 @@ It prints programs/s and peak memory: the largest single process (``ru_maxrss``
 of the children) and the sum over codeprune and every process of its sandboxes
 (sampled every 0.1 s).
 
-Figures (``.venv/bin/python bench/soak.py``, root on 2 shared cores, load 3 at the start;
-every protection held: network, mount namespace, minimal read-only root, private
-tmpfs and /proc, throwaway uids): 2000 programs in 145.7 s, 13.7 programs/s (41 of
-them spend their 3 s timeout; the others ~0.09 s each), peak RSS 923 MB summed
-over codeprune and every sandbox process, 237 MB for the largest (codeprune);
-exit 0, no unexpected outcome, nothing left. Also in README.md ("Sandbox soak").
+Figures (``.venv/bin/python bench/soak.py``, root on 2 cores, nothing else running, load
+1 at the start; every protection held: network, IPC, mount namespace, minimal read-only
+root, private tmpfs and /proc, throwaway uids): 2000 programs in 126.6 s, 15.8
+programs/s (40 of them spend their 3 s timeout; the others 0.07-0.09 s each), peak
+RSS 947 MB summed over codeprune and every sandbox process, 255 MB for the largest
+(codeprune); exit 0, no unexpected outcome, nothing left. Also in README.md
+("Sandbox soak").
 """
 
 from __future__ import annotations
