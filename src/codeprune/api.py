@@ -14,6 +14,8 @@
     codeprune.prune("qwen2.5-coder-0.5b", recipe="flab", target=0.22, out="runs/q-flab-22")
     codeprune.distill_data("qwen2.5-coder-0.5b", "runs/q-flab-22", "data/instr.jsonl",
                            out="data/instr-flab.jsonl")
+    codeprune.export("runs/q-flab-22", "runs/q-flab-22.q8_0.gguf", gguf_type="q8_0")
+    codeprune.evaluate("runs/q-flab-22.q8_0.gguf", runtime="llama.cpp")
 
 This module is a facade: each function lives in ``codeprune.workflows`` (one
 module per command) or ``codeprune.reporting`` (views over many runs); the CLI
@@ -27,11 +29,13 @@ from codeprune.reporting.analysis import report_runs as report
 from codeprune.workflows.common import load
 from codeprune.workflows.distill import distill_data
 from codeprune.workflows.evaluate import evaluate
+from codeprune.workflows.export import ExportResult, export
 from codeprune.workflows.instructions import instructions
 from codeprune.workflows.prune import PruneResult, prune
 from codeprune.workflows.recover import RecoverResult, recover
 from codeprune.workflows.sweep import sweep
 
-__all__ = ["PruneResult", "RecoverResult", "compare", "distill_data", "evaluate", "instructions", "load",
+__all__ = ["ExportResult", "PruneResult", "RecoverResult", "compare", "distill_data", "evaluate", "export",
+           "instructions", "load",
            "prune", "recover", "report", "sweep"]
 

@@ -375,13 +375,25 @@ def write_atomically(out: str | Path, overwrite: bool, fill, *, expected_bytes: 
 
 def write_file_atomically(out: str | Path, overwrite: bool, write, *, mode: str = "w") -> Path:
     """Call ``write(file_object)`` on a hidden temporary file, then move it to ``out``."""
-    out = check_output(out, overwrite, kind="file")
+
+    def to_path(tmp: Path) -> None:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+
+    return write_path_atomically(out, overwrite, to_path)
+
+
+def write_path_atomically(out: str | Path, overwrite: bool, write, *,
+                          expected_bytes: float | None = None) -> Path:
+    """Call ``write(path)`` with a hidden temporary file's path beside ``out`` (for writers
+    that open the file themselves: GGUF), then move it to ``out``."""
+    out = check_output(out, overwrite, kind="file", expected_bytes=expected_bytes)
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = scratch_file(f".{out.name}.tmp-", out.parent)
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
+        os.close(fd)
+        write(tmp)
         os.chmod(tmp, 0o644)
         if overwrite or not _renameat2(tmp, out, _RENAME_NOREPLACE):
             os.replace(tmp, out)

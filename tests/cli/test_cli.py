@@ -357,7 +357,7 @@ def test_every_option_has_help_and_every_command_examples_and_json():
     from codeprune.cli import build_parser
 
     commands = _subparsers(build_parser(full=True))
-    assert set(commands) == {"models", "prune", "eval", "sweep", "compare", "report", "recover",
+    assert set(commands) == {"models", "prune", "export", "eval", "sweep", "compare", "report", "recover",
                              "instructions", "distill-data"}
     for name, sub in commands.items():
         for action in sub._actions:

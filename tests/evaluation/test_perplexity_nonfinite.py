@@ -75,5 +75,6 @@ def test_generation_stops_at_non_finite_logits(tiny_llama):
 
     with torch.no_grad():
         tiny_llama.model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteOutputError, match="tiny-llama' gives non-finite logits .* 'humaneval generate'"):
+    match = "tiny-llama' gives non-finite logits .* 'humaneval generate'"
+    with pytest.raises(NonFiniteOutputError, match=match):
         generate_texts(tiny_llama, ["def f(x):\n"], max_new_tokens=3, desc="humaneval generate")

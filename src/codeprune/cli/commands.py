@@ -83,7 +83,7 @@ def cmd_prune(args) -> int:
                    text_field=args.text_field, device=args.device, offload=args.offload,
                    batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
                    eval_ppl=not args.no_eval, eval_windows=args.eval_windows, dtype=args.dtype,
-                   **_save_dtype(args), **given_options(args))
+                   gguf=args.gguf, **_save_dtype(args), **given_options(args))
     if args.json:
         print(json.dumps(result.report, indent=2))
     else:
@@ -92,6 +92,29 @@ def cmd_prune(args) -> int:
         print(render(result.report))
         if result.out:
             print(f"saved to {result.out}")
+        if result.export is not None:
+            _print_export(result.export)
+    return 0
+
+
+def _print_export(summary: dict) -> None:
+    print(f"GGUF: {summary['gguf']} ({summary['architecture']}, {summary['type']}, "
+          f"{summary['bytes'] / 2**20:.1f} MiB, {summary['seconds']:.1f} s)")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
+    if summary["modelfile"]:
+        print(f"Modelfile: {summary['modelfile']}   (ollama create NAME -f {summary['modelfile']})")
+
+
+def cmd_export(args) -> int:
+    from codeprune.api import export
+
+    result = export(args.model, args.gguf, gguf_type=args.gguf_type, overwrite=args.overwrite,
+                    modelfile=not args.no_modelfile).to_dict()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_export(result)
     return 0
 
 
@@ -106,7 +129,8 @@ def cmd_eval(args) -> int:
     res = evaluate(args.model, ppl=args.ppl, humaneval=humaneval, efficiency=not args.no_efficiency,
                    seq_len=args.seq_len, windows=args.windows, device=args.device,
                    text_field=args.text_field, offload=args.offload, dtype=args.dtype, out=args.out,
-                   overwrite=args.overwrite, ppl_tokenizer=args.ppl_tokenizer)
+                   overwrite=args.overwrite, ppl_tokenizer=args.ppl_tokenizer, runtime=args.runtime,
+                   threads=args.threads)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -202,6 +226,7 @@ def cmd_distill(args) -> int:
     return 0
 
 
-HANDLERS = {"models": cmd_models, "prune": cmd_prune, "eval": cmd_eval, "sweep": cmd_sweep,
+HANDLERS = {"models": cmd_models, "prune": cmd_prune, "export": cmd_export, "eval": cmd_eval,
+            "sweep": cmd_sweep,
             "compare": cmd_compare, "report": cmd_report, "recover": cmd_recover,
             "instructions": cmd_instructions, "distill-data": cmd_distill}

@@ -18,6 +18,8 @@ from codeprune.cli.arguments import (
     add_save_dtype,
 )
 
+GGUF_TYPE_HELP = "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"  # models/gguf_export.py GGUF_TYPES
+
 
 def _methods(structured: bool | None = None) -> dict[str, type]:
     """{method: config class}, unstructured methods first (``structured``: only those / the others)."""
@@ -66,8 +68,22 @@ def build_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurements")
     p.add_argument("--out", help="output folder (checkpoint + report.json/md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--gguf", metavar="TYPE",
+                   help="also export the result to OUT.TYPE.gguf (+ OUT.TYPE.Modelfile) for llama.cpp / "
+                        f"ollama; TYPE: {GGUF_TYPE_HELP}")
     add_save_dtype(p)
     add_config_options(p, methods, title=_options_of)
+
+
+def build_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="RUN", help="a run folder (checkpoint), offline alias, folder or hub id")
+    p.add_argument("--gguf", required=True, metavar="FILE.gguf",
+                   help="the GGUF file to write (an ollama Modelfile is written beside it)")
+    p.add_argument("--type", dest="gguf_type", default="f16", metavar="TYPE",
+                   help=f"weight type: {GGUF_TYPE_HELP} (default f16; norms and biases stay f32)")
+    p.add_argument("--no-modelfile", action="store_true", help="do not write the ollama Modelfile")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    add_json(p, "the summary")
 
 
 def build_eval(p: argparse.ArgumentParser) -> None:
@@ -84,6 +100,10 @@ def build_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-efficiency", action="store_true",
                    help="skip the efficiency measurements (size, disk, MACs/token, prefill/decode tokens/s, "
                         "memory, energy), which run by default")
+    p.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="run the model in transformers (default) or llama.cpp (a .gguf --model: perplexity "
+                        "and batch-1 prefill/decode speed as llama.cpp gives them)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: one per core)")
     p.add_argument("--out", help="write report.json / report.md (and HumanEval samples) to this folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     h = p.add_argument_group("HumanEval")
@@ -186,11 +206,18 @@ COMMANDS: dict[str, Command] = {
         "codeprune prune --model smollm2-135m --method sparsegpt --pattern 2:4 --damp 0.02 --out runs/sg",
         "codeprune prune --model smollm2-135m --method flap --ratio 0.2 --save-dtype bfloat16 --out runs/f20",
         "codeprune prune --model qwen2.5-coder-0.5b --recipe flab --target 0.22 --out runs/q-flab-22",
+        "codeprune prune --model qwen2.5-coder-0.5b --method flap --ratio 0.2 --out runs/q --gguf q8_0",
     ), build_prune),
+    "export": Command("write a run as a GGUF file for llama.cpp / ollama, with an ollama Modelfile", (
+        "codeprune export runs/q-flap-20 --gguf runs/q-flap-20.gguf --type q8_0",
+        "codeprune export runs/q-flab-22 --gguf q-flab-22.f16.gguf",
+        "codeprune export smollm2-135m --gguf smollm2.f32.gguf --type f32 --no-modelfile --json",
+    ), build_export),
     "eval": Command("perplexity per language, HumanEval pass@k, efficiency of a model", (
         "codeprune eval --model runs/wanda50 --ppl code-ppl --humaneval --out runs/wanda50-eval",
         "codeprune eval --model smollm2-135m --ppl python-stdlib --no-efficiency --json",
         "codeprune eval --completions samples.jsonl --k 1,10 --samples 10",
+        "codeprune eval --model runs/q-flap-20.gguf --ppl python-stdlib --runtime llama.cpp",
     ), build_eval),
     "sweep": Command("one sub-model per calibration language, scored on every language", (
         "codeprune sweep --model smollm2-135m --calib-langs python,java --out runs/langs",

@@ -108,6 +108,20 @@ def load_tokenizer(name: str):
         raise err(f"cannot load the tokenizer of '{name}': {_first_line(e)}") from e
 
 
+def gguf_tokenizer(path: str | Path):
+    """The tokenizer a .gguf file describes, read from its metadata alone (no weights, no cache):
+    what llama.cpp runs it with, as transformers builds it."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"no such .gguf file: {path}")
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise CorruptModelError(f"cannot read the tokenizer of {path}: {_first_line(e)}") from e
+
+
 def _source_metadata(kind: str, name: str, folder: Path | None, local_only: bool = False) -> dict:
     """What ``origin`` knows about the source before loading weights: a dequantized cache's
     record (alias / .gguf, or a cache folder given by path), else a folder's README front matter,

@@ -275,6 +275,46 @@ def gguf_metadata(path: Path) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, str) and v}
 
 
+def gguf_kv(path: Path) -> dict:
+    """The ``general.*`` values and ``tokenizer.ggml.pre`` of a GGUF file (what an export of the
+    model carries over: models/gguf_export.py); {} when unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+        out = {}
+        for key, f in fields.items():
+            if key.startswith("general.") or key == "tokenizer.ggml.pre":
+                value = f.contents()
+                if isinstance(value, (str, int, float, bool)) or (
+                        isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    out[key] = value
+        if "tokenizer.ggml.tokens" in fields:  # to tell a pruned vocabulary from the source's
+            out["tokenizer.n_tokens"] = len(fields["tokenizer.ggml.tokens"].data)
+        return out
+    except Exception:
+        return {}
+
+
+def source_gguf_kv(name: str) -> dict:
+    """``gguf_kv`` of the GGUF an offline alias (or a cached .gguf) was built from: recorded in its
+    cache entry, or read from the package's file when it is a single part; {} otherwise."""
+    if name in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS[name]
+        record = cached_folder(name) / SOURCE_FILE
+        try:
+            recorded = json.loads(record.read_text()).get("gguf_metadata")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded:
+            return recorded
+        if len(spec.parts) == 1 and is_installed(spec):
+            return gguf_kv(_locate(spec, *spec.parts[0]))
+        return {}
+    path = Path(name).expanduser()
+    return gguf_kv(path) if path.suffix == ".gguf" and path.is_file() else {}
+
+
 def alias_entry(alias: str) -> CacheEntry:
     return CacheEntry(alias, cached_folder(alias), alias)
 
@@ -295,6 +335,7 @@ def ensure_cached(alias: str, *, rebuild: bool = False) -> Path:
                 "sha256": spec.sha256, "base_model": spec.upstream, "license": spec.license,
                 "note": f"dequantized from a {spec.quantization} GGUF: 4-bit weights, not the original bf16",
             }
+            info["gguf_metadata"] = gguf_kv(gguf)
             _dequantize_to_folder(gguf, tmp, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -330,7 +371,8 @@ def gguf_cache(path: Path, *, rebuild: bool = False) -> Path:
     """The dequantized safetensors folder of a .gguf file, built on first use, checked on every use."""
     def fill(tmp: Path) -> None:
         info = {"gguf": str(path.resolve()), "upstream": path.stem, **gguf_metadata(path),
-                "note": "dequantized from a GGUF file: quantized weights, not the original"}
+                "note": "dequantized from a GGUF file: quantized weights, not the original",
+                "gguf_metadata": gguf_kv(path)}
         _dequantize_to_folder(path, tmp, info)
 
     return ensure(gguf_entry(path), built=lambda f: (f / SOURCE_FILE).is_file(), fill=fill, rebuild=rebuild,

@@ -193,7 +193,21 @@ def _eval(r: EvalReport) -> str:
         lines += _humaneval_lines(he)
     if r.efficiency:
         lines += _efficiency_lines(r.efficiency)
+    if r.llama_cpp:
+        lines += _llama_cpp_lines(r.llama_cpp)
     return "\n".join(lines + _notes(r) + _provenance_line(r)).rstrip() + "\n"
+
+
+def _llama_cpp_lines(run) -> list[str]:
+    sp = run.speed
+    return ["", "## llama.cpp", "",
+            f"{run.architecture or '?'} GGUF, {run.file_type or '?'}, {megabytes(run.file_bytes)} on disk; "
+            f"llama-cpp-python {run.llama_cpp_python or '?'}, {run.threads} threads.", "",
+            *table(["batch", "prefill tok/s", "decode tok/s"],
+                   [[sp.get("batch_size", 1), fmt(sp["prefill_tok_s"], ".1f"),
+                     fmt(sp["decode_tok_s"], ".1f")]]),
+            "", f"Prefill: a {sp['prompt_len']}-token prompt; decode: {sp['new_tokens']} greedy steps "
+            "from its KV cache; the best of 3 runs."]
 
 
 def _humaneval_lines(he) -> list[str]:

@@ -178,6 +178,18 @@ class Efficiency(Record):
 
 
 @dataclass(kw_only=True)
+class LlamaCppRun(Record):
+    """A GGUF file run in llama.cpp (evaluation/llamacpp.py; README "Deploying with llama.cpp")."""
+
+    file_bytes: int
+    architecture: str | None
+    file_type: str | None
+    threads: int
+    speed: dict  # {"prefill_tok_s", "decode_tok_s", "prompt_len", "new_tokens", "batch_size", ...}
+    llama_cpp_python: str | None
+
+
+@dataclass(kw_only=True)
 class HumanEval(Record):
     """pass@k and every program's outcome (evaluation/humaneval.py; README "--humaneval")."""
 
@@ -312,6 +324,8 @@ class EvalReport(Report):
     perplexity: dict[str, PerplexityScore] | None = _sub(PerplexityScore, shape="map")  # by source spec
     humaneval: HumanEval | None = _sub(HumanEval)
     efficiency: Efficiency | None = _sub(Efficiency)
+    runtime: str | None = _opt()  # "llama.cpp" for a GGUF run there (default: transformers)
+    llama_cpp: LlamaCppRun | None = _sub(LlamaCppRun)
 
 
 @dataclass(kw_only=True)

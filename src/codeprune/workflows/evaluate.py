@@ -28,10 +28,10 @@ from codeprune.evaluation.sandbox import check_sandbox
 from codeprune.methods.vocab import id_map, make_remap
 from codeprune.models.checkpoint import needs_modeling_file
 from codeprune.models.counting import count_parameters, decoder_sparsity
-from codeprune.models.loading import LoadedModel, load_tokenizer
+from codeprune.models.loading import LoadedModel, gguf_tokenizer, load_tokenizer
 from codeprune.outputs import write_atomically
 from codeprune.reporting.provenance import display_name, sanitise_source
-from codeprune.reporting.schema import Efficiency, EvalReport, HumanEval, PerplexityScore, Source
+from codeprune.reporting.schema import Efficiency, EvalReport, HumanEval, LlamaCppRun, PerplexityScore, Source
 from codeprune.reporting.writer import write_report
 from codeprune.workflows.common import as_loaded, check_out, releasing_outputs
 
@@ -142,12 +142,68 @@ def _efficiency(lm: LoadedModel) -> Efficiency:
     return Efficiency.from_dict(efficiency_report(lm, checkpoint=folder), "efficiency")
 
 
+RUNTIMES = ("transformers", "llama.cpp")
+
+
+def _check_runtime(runtime: str, model, plan: _Plan) -> None:
+    """llama.cpp runs a .gguf file: perplexity and speed, no HumanEval (before any work)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime '{runtime}': choose {' or '.join(RUNTIMES)}")
+    if runtime == "transformers":
+        return
+    if isinstance(model, LoadedModel) or not str(model).endswith(".gguf"):
+        raise ConfigError("--runtime llama.cpp runs a .gguf file: export the run first "
+                          "(codeprune export RUN --gguf FILE.gguf)")
+    if not Path(str(model)).expanduser().is_file():
+        raise ConfigError(f"no such .gguf file: {model}")
+    if plan.he is not None:
+        raise ConfigError("--runtime llama.cpp measures perplexity and speed; HumanEval runs in transformers "
+                          "or vLLM (drop --humaneval, or evaluate the checkpoint)")
+
+
+def _llama_cpp(report: EvalReport, plan: _Plan, path: Path, *, seq_len: int, windows: int,
+               threads: int | None, ppl_tokenizer: str | None) -> None:
+    """Perplexity per source and batch-1 speed of a GGUF file in llama.cpp, into ``report``."""
+    import gguf
+
+    from codeprune.evaluation.llamacpp import LlamaCpp, version
+
+    tokenizer = gguf_tokenizer(path)
+    window_tok, remap, note = tokenizer, None, ""
+    if ppl_tokenizer is not None:
+        window_tok = load_tokenizer(ppl_tokenizer)
+        remap = make_remap(window_tok, tokenizer, id_map(window_tok, tokenizer))
+        note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
+    report.runtime = "llama.cpp"
+    with LlamaCpp(path, n_ctx=max(seq_len, 256), threads=threads) as rt:
+        results = {}
+        for corpus, lang in plan.corpora:
+            held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
+            scores = rt.perplexity(held, remap=remap, name=display_name(str(path)), desc=f"ppl {corpus.spec}")
+            scores.pop("runtime")
+            key = display_name(corpus.spec)
+            results[key] = PerplexityScore(**scores, language=lang,
+                                           protocol=protocol(held, key) + note + "; run in llama.cpp")
+        report.perplexity = results or None
+        if plan.efficiency:
+            meta = rt.metadata()
+            try:
+                ftype = gguf.LlamaFileType(int(meta.get("general.file_type", -1))).name
+            except ValueError:
+                ftype = None
+            report.llama_cpp = LlamaCppRun(file_bytes=path.stat().st_size,
+                                           architecture=meta.get("general.architecture"),
+                                           file_type=ftype and ftype.removeprefix("MOSTLY_").lower(),
+                                           threads=rt.threads, speed=rt.speed(), llama_cpp_python=version())
+
+
 @releasing_outputs
 def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[str, ...] | None = None,
              humaneval: bool | HumanEvalConfig = False, efficiency: bool = True, seq_len: int = 512,
              windows: int = 32, device: str = "cpu", text_field: str = "text", offload: bool = False,
              dtype: str | torch.dtype = "float32", out: str | Path | None = None,
-             overwrite: bool = False, ppl_tokenizer: str | None = None) -> dict:
+             overwrite: bool = False, ppl_tokenizer: str | None = None, runtime: str = "transformers",
+             threads: int | None = None) -> dict:
     """Evaluate a model: held-out perplexity per source, HumanEval pass@k, efficiency.
 
     ``ppl``: sources scored on their held-out split (``code-ppl`` = every language
@@ -161,15 +217,22 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     ``ppl_tokenizer`` (a model name: the original of a vocabulary-pruned model) cuts the
     held-out windows with that model's tokenizer and scores them per *its* tokens
     (evaluation/perplexity.py ``perplexity_remapped``), so the figure compares with the original's.
+    ``runtime="llama.cpp"`` runs a .gguf ``model`` in llama.cpp instead (evaluation/llamacpp.py):
+    the same perplexity windows, and batch-1 prefill / decode speed with ``threads`` threads
+    (default one per core) in place of the efficiency section.
     Returns report.json's content (reporting/schema.py ``EvalReport``), plus "out" when written."""
     plan = _plan(model, ppl, humaneval, efficiency)
+    _check_runtime(runtime, model, plan)
     check_out(out, overwrite, model, *(ppl or ()))
     dev = resolve_device(device)
     _read_sources(plan, model, seq_len, windows, text_field)
     name = model.name if isinstance(model, LoadedModel) else model
     report = EvalReport(model=display_name(name) if name is not None else None)
     lm = None
-    if plan.needs_model:
+    if runtime == "llama.cpp":
+        _llama_cpp(report, plan, Path(str(model)).expanduser(), seq_len=seq_len, windows=windows,
+                   threads=threads, ppl_tokenizer=ppl_tokenizer)
+    elif plan.needs_model:
         lm = as_loaded(model, dtype, seq_len)
         if not offload and not plan.vllm:  # offload: perplexity brings one layer at a time to the device
             place_model(lm, dev)
@@ -177,7 +240,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
         report.source = Source.from_dict(sanitise_source(lm.origin, lm.name), "source")
         report.sparsity = decoder_sparsity(lm)
         report.params_total, report.params_nonzero = count_parameters(lm.model)
-    if plan.corpora:
+    if plan.corpora and runtime != "llama.cpp":
         report.perplexity = _perplexities(lm, plan.corpora, seq_len=seq_len, windows=windows, dev=dev,
                                           offload=offload, ppl_tokenizer=ppl_tokenizer)
     if offload and not plan.vllm and (plan.efficiency or plan.generates):
@@ -185,7 +248,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     samples = None
     if plan.he is not None:
         report.humaneval, samples = _humaneval(plan.he, lm, model)
-    if plan.efficiency:
+    if plan.efficiency and runtime != "llama.cpp":
         report.efficiency = _efficiency(lm)
     result = report.to_dict()
     if out is not None:

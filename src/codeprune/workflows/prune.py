@@ -48,6 +48,7 @@ from codeprune.reporting.provenance import display_name
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
 from codeprune.workflows.common import as_loaded, check_out, prune_header, releasing_outputs, weights_bytes
+from codeprune.workflows.export import check_gguf_outputs, check_type, export_loaded
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
@@ -59,6 +60,7 @@ class PruneResult:
     model: LoadedModel  # pruned in place
     report: dict
     out: Path | None  # the checkpoint folder, when ``out`` was given
+    export: dict | None = None  # the GGUF export (``gguf``): workflows/export.py ExportResult.to_dict()
 
 
 @releasing_outputs
@@ -69,7 +71,7 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
           offload: bool = False, batch_size: int = 8, out: str | Path | None = None,
           overwrite: bool = False, eval_ppl: bool = True, eval_windows: int = 32,
           efficiency: bool = True, dtype: str | torch.dtype = "float32", save_dtype: str | None = None,
-          **method_options) -> PruneResult:
+          gguf: str | None = None, **method_options) -> PruneResult:
     """Prune ``model`` in place with ``method`` (or ``recipe``) and return the pruned model and its report.
 
     Unstructured / N:M methods (magnitude, wanda, sparsegpt): ``sparsity`` (default
@@ -89,7 +91,9 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     batch-1 speed. With ``out`` the result is saved as an HF checkpoint (plain, or
     with modeling_codeprune.py for per-layer sizes) in ``save_dtype`` (float32, bfloat16,
     float16; default the source's dtype, bfloat16 for dequantized GGUF) with report.json /
-    report.md and a model card (README.md).
+    report.md and a model card (README.md). With ``gguf`` (a type: f16, q8_0, ...; needs ``out``)
+    the result is also exported for llama.cpp / ollama to ``OUT.TYPE.gguf`` with
+    ``OUT.TYPE.Modelfile`` beside it (workflows/export.py).
 
     Recipes: ``recipe`` (a built-in name such as "flab", a YAML path, or a
     ``recipes.spec.Recipe``) runs its stages in order, removing ``target`` (a
@@ -103,6 +107,7 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
         parse_dtype(save_dtype)
     expected = _expected_bytes(model, rec, target, single, save_dtype)
     check_out(out, overwrite, model, calib, expected_bytes=expected)  # before loading anything
+    gguf_out = _check_gguf(gguf, out, overwrite, model, calib)
     dev = resolve_device(device)
     lm, corpus, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
                                            eval_windows if eval_ppl else None, reach=(rec, target))
@@ -129,7 +134,23 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
                      seconds=seconds, device=dev, text_field=text_field, energy=energy)
     if efficiency and offload:
         place_model(lm, dev)  # speed and memory need the whole model on the device
-    return _finish(lm, report, efficiency, dense["speed"], out, overwrite, save_dtype)
+    result = _finish(lm, report, efficiency, dense["speed"], out, overwrite, save_dtype)
+    if gguf_out is not None:
+        result.export = export_loaded(lm, gguf_out, gguf_type=gguf, overwrite=overwrite,
+                                      base=model if isinstance(model, str) else lm.name).to_dict()
+    return result
+
+
+def _check_gguf(gguf: str | None, out, overwrite: bool, *reads) -> Path | None:
+    """``OUT.TYPE.gguf`` for ``prune --gguf TYPE``, its type and outputs checked before any work."""
+    if gguf is None:
+        return None
+    if out is None:
+        raise ConfigError("--gguf exports the saved result: give --out too")
+    check_type(gguf)
+    path = Path(f"{Path(out)}.{gguf}.gguf")
+    check_gguf_outputs(path, overwrite, *reads)
+    return path
 
 
 def _as_recipe(method, sparsity, pattern, ratio, recipe, target, min_count,

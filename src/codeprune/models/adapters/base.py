@@ -62,6 +62,14 @@ class DecoderAdapter:
     # them so a compensated model still loads as the plain architecture; a bias the
     # family has no flag for needs the modeling file written beside the weights.
     bias_flags: dict[str, tuple[str, ...]] = {}
+    # GGUF export (models/gguf_export.py): llama.cpp's architecture for this family when every
+    # layer has the same sizes, and whether that architecture's rotary embedding pairs
+    # interleaved dimensions (llama.cpp's "norm" rope: the q/k rows are permuted on export;
+    # False for "neox" rope, which pairs halves as transformers does); per-layer norms inside
+    # attention, canonical GGUF suffix -> module path in a layer (Qwen3's q_norm / k_norm)
+    gguf_arch: str | None = None
+    gguf_interleaved_rope: bool = True
+    gguf_layer_norms: dict[str, str] = {}
 
     # derived from roles (set by _derive)
     sublayer_names: tuple[str, ...] = ()

@@ -13,3 +13,4 @@ class LlamaAdapter(DecoderAdapter):
     transformers_family = ("llama", "Llama")
     bias_flags = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+    gguf_arch = "llama"

@@ -10,3 +10,4 @@ class MistralAdapter(DecoderAdapter):
 
     model_types = ("mistral",)
     transformers_family = ("mistral", "Mistral")
+    gguf_arch = "llama"  # llama.cpp runs Mistral as llama (sliding window: see gguf_export)

@@ -11,3 +11,5 @@ class Qwen2Adapter(DecoderAdapter):
 
     model_types = ("qwen2",)
     transformers_family = ("qwen2", "Qwen2")
+    gguf_arch = "qwen2"
+    gguf_interleaved_rope = False

@@ -12,3 +12,6 @@ class Qwen3Adapter(DecoderAdapter):
     model_types = ("qwen3",)
     transformers_family = ("qwen3", "Qwen3")
     bias_flags = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")}
+    gguf_arch = "qwen3"
+    gguf_interleaved_rope = False
+    gguf_layer_norms = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}

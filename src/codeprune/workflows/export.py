@@ -1,0 +1,102 @@
+"""Export a model to GGUF for llama.cpp / ollama (``codeprune export``), with an ollama Modelfile.
+
+    codeprune export runs/q-flap-20 --gguf runs/q-flap-20.gguf --type q8_0
+    ollama create q-flap-20 -f runs/q-flap-20.Modelfile
+
+Steps: check the type and both outputs (the .gguf and the Modelfile beside it) before
+loading; load the run (or any model name); plan the export (models/gguf_export.py:
+llama.cpp architecture, pre-tokenizer, types), which refuses what llama.cpp cannot run
+in one line; write the GGUF atomically, then the Modelfile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from codeprune.errors import ConfigError
+from codeprune.models.gguf_export import GGUF_TYPES, ExportPlan, export_gguf, modelfile_text, plan_export
+from codeprune.models.loading import LoadedModel
+from codeprune.models.offline import source_gguf_kv
+from codeprune.outputs import write_file_atomically
+from codeprune.workflows.common import check_out, load, releasing_outputs
+
+
+@dataclass
+class ExportResult:
+    gguf: Path
+    modelfile: Path | None
+    plan: ExportPlan
+    seconds: float
+    bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        p = self.plan
+        return {"gguf": str(self.gguf), "modelfile": str(self.modelfile) if self.modelfile else None,
+                "architecture": p.arch, "type": p.qtype, "per_layer": p.per_layer, "pre_tokenizer": p.pre,
+                "fallbacks": dict(p.fallbacks), "bytes": self.bytes, "seconds": self.seconds,
+                "notes": self.notes}
+
+
+def modelfile_path(gguf: str | Path) -> Path:
+    """``runs/q-flap-20.gguf`` -> ``runs/q-flap-20.Modelfile``."""
+    gguf = Path(gguf)
+    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".Modelfile")
+
+
+def check_type(gguf_type: str) -> None:
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"unsupported GGUF type '{gguf_type}': choose one of {', '.join(GGUF_TYPES)}")
+
+
+def check_gguf_outputs(gguf: str | Path, overwrite: bool, *reads, modelfile: bool = True) -> None:
+    """The output checks of an export, before any work: a .gguf name, its folder, the Modelfile."""
+    if not str(gguf).endswith(".gguf"):
+        raise ConfigError(f"--gguf must name a .gguf file: {gguf}")
+    check_out(gguf, overwrite, *reads, kind="file")
+    if modelfile:
+        check_out(modelfile_path(gguf), overwrite, *reads, kind="file")
+
+
+def _base_name(model, lm: LoadedModel) -> str:
+    """The model a run was pruned from (its report.json names it), else the model itself."""
+    folder = Path(str(lm.origin.get("path") or model))
+    try:
+        return json.loads((folder / "report.json").read_text()).get("model") or str(model)
+    except (OSError, ValueError, TypeError):
+        return str(model)
+
+
+def export_loaded(lm: LoadedModel, gguf: str | Path, *, gguf_type: str = "f16", overwrite: bool = False,
+                  modelfile: bool = True, base: str | None = None) -> ExportResult:
+    """Export a model already in memory (``prune --gguf`` calls this after saving)."""
+    kv = source_gguf_kv(base) if base else {}
+    if kv.get("tokenizer.n_tokens") != len(lm.tokenizer):  # a pruned vocabulary: its own split rule
+        kv.pop("tokenizer.ggml.pre", None)
+    plan = plan_export(lm, gguf_type, source_metadata=kv)
+    start = time.perf_counter()
+    path = export_gguf(lm, gguf, plan=plan, overwrite=overwrite, name=Path(gguf).name.removesuffix(".gguf"))
+    seconds = time.perf_counter() - start
+    mf = None
+    if modelfile:
+        text = modelfile_text(lm.tokenizer, path.name)
+        mf = write_file_atomically(modelfile_path(path), overwrite, lambda f: f.write(text))
+    notes = [f"{name} written as {t} (rows not in 32-value blocks, or the output kept above 4 bits)"
+             for name, t in plan.fallbacks.items()]
+    return ExportResult(path, mf, plan, seconds, path.stat().st_size, notes)
+
+
+@releasing_outputs
+def export(model: str | LoadedModel, gguf: str | Path, *, gguf_type: str = "f16", overwrite: bool = False,
+           modelfile: bool = True) -> ExportResult:
+    """Write ``model`` (a run folder, an offline alias, a folder, a hub id) as the GGUF file
+    ``gguf`` at ``gguf_type`` (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0), and an ollama
+    Modelfile beside it. Unsupported shapes, tokenizers or types are refused before any write."""
+    check_type(gguf_type)
+    check_gguf_outputs(gguf, overwrite, model, modelfile=modelfile)
+    lm = model if isinstance(model, LoadedModel) else load(model)
+    return export_loaded(lm, gguf, gguf_type=gguf_type, overwrite=overwrite, modelfile=modelfile,
+                         base=_base_name(model, lm))
