@@ -205,8 +205,7 @@ COMMANDS: dict[str, Command] = {
         "codeprune prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50",
         "codeprune prune --model smollm2-135m --method sparsegpt --pattern 2:4 --damp 0.02 --out runs/sg",
         "codeprune prune --model smollm2-135m --method flap --ratio 0.2 --save-dtype bfloat16 --out runs/f20",
-        "codeprune prune --model qwen2.5-coder-0.5b --recipe flab --target 0.22 --out runs/q-flab-22",
-        "codeprune prune --model qwen2.5-coder-0.5b --method flap --ratio 0.2 --out runs/q --gguf q8_0",
+        "codeprune prune --model qwen2.5-coder-0.5b --recipe flab --target 0.22 --out runs/qf --gguf q8_0",
     ), build_prune),
     "export": Command("write a run as a GGUF file for llama.cpp / ollama, with an ollama Modelfile", (
         "codeprune export runs/q-flap-20 --gguf runs/q-flap-20.gguf --type q8_0",
