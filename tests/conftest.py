@@ -39,6 +39,16 @@ def _tokenizer():
                                    pad_token="<|endoftext|>")
 
 
+def default_signals() -> None:
+    """``preexec_fn`` of a child that a test signals: SIGINT, SIGTERM and SIGHUP at their defaults,
+    as in a terminal. A suite started in the background (``cmd &``, ``nohup``) passes SIG_IGN
+    on, and codeprune rightly keeps an ignored signal ignored."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return _tokenizer()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import make_tiny
+from ..conftest import default_signals, make_tiny
 
 DRIVER = r'''
 import os, sys, time
@@ -90,7 +90,8 @@ class Child:
         env = {**os.environ, "TMPDIR": str(self.tmpdir), "FAULT_GO": str(go or ""), "TQDM_DISABLE": "1",
                "CODEPRUNE_ENERGY": "0", "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen([sys.executable, str(self.driver), phase, *argv], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=default_signals)
         self.seen: set[tuple[int, int]] = set()
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -118,7 +119,12 @@ class Child:
         self.seen |= {(p, start_time(p)) for p in descendants(self.proc.pid)}
 
     def finish(self, timeout: float = 60) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a failing test leaves no child waiting for ever
+            self.proc.kill()
+            self.proc.communicate()
+            raise
         return self.proc.returncode, out, err
 
     def assert_clean(self) -> None:

@@ -21,6 +21,8 @@ import pytest
 from codeprune.evaluation.sandbox import LOG_PREFIX, WORK_PREFIX, remove_leftovers
 from codeprune.outputs import process_tag
 
+from ..conftest import default_signals
+
 UID_BASE = 1_970_000_000
 IS_ROOT = os.geteuid() == 0
 
@@ -81,7 +83,7 @@ def runner_of(pid: int):
 
 def start_child(mode: str, running: int) -> subprocess.Popen:
     """Start the child and wait until ``running`` programs run (their folders exist, plus a moment)."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, mode])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, mode], preexec_fn=default_signals)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if len(sandbox_folders(process_tag(child.pid))) >= 2 * running:

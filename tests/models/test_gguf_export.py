@@ -128,7 +128,7 @@ def test_per_layer_file_holds_arrays_biases_and_exact_shapes(tmp_path):
     path = export_gguf(lm, tmp_path / "m.gguf", plan=plan, progress=False)
     meta, tensors = _read(path)
     assert meta["general.architecture"] == "deci" and meta["general.license"] == "apache-2.0"
-    assert meta["general.name"] == "src"
+    assert meta["general.name"] == "m" and meta["general.base_model.0.name"] == "src"
     sizes = [lm.adapter.layer_sizes(layer) for layer in lm.adapter.layers()]
     assert meta["deci.attention.head_count"] == [s["heads"] for s in sizes]
     assert meta["deci.attention.head_count_kv"] == [s["kv_heads"] for s in sizes]

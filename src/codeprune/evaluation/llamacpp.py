@@ -142,23 +142,36 @@ class LlamaCpp:
     def speed(self, *, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict:
         """Prefill and decode tokens/s at batch 1 with ``self.threads`` threads: the best of
         ``repeats`` runs (after one warm-up) of a ``prompt_len``-token random prompt, then
-        ``new_tokens`` single-token steps from its KV cache."""
+        ``new_tokens`` greedy single-token steps from its KV cache. Runs in a second context
+        that computes the last position's logits only, as llama.cpp does when it serves."""
+        import llama_cpp
+
         rng = np.random.default_rng(seed)
         ids = rng.integers(0, self.n_vocab, prompt_len).tolist()
-        self.llm.reset()
-        self.llm.eval(ids[:8])  # warm-up: buffers, threads
-        best_prefill = best_decode = math.inf
-        for _ in range(repeats):
-            self.llm.reset()
-            start = time.perf_counter()
-            self.llm.eval(ids)
-            best_prefill = min(best_prefill, time.perf_counter() - start)
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                self.llm.eval([token])
-                token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            best_decode = min(best_decode, time.perf_counter() - start)
+        llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=prompt_len + new_tokens + 8,
+                              n_batch=max(prompt_len, 8), n_threads=self.threads,
+                              n_threads_batch=self.threads, verbose=False, seed=0)
+
+        def last_token() -> int:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(self.n_vocab,))
+            return int(logits.argmax())
+
+        try:
+            llm.eval(ids[:8])  # warm-up: buffers, threads
+            best_prefill = best_decode = math.inf
+            for _ in range(repeats):
+                llm.reset()
+                start = time.perf_counter()
+                llm.eval(ids)
+                token = last_token()
+                best_prefill = min(best_prefill, time.perf_counter() - start)
+                start = time.perf_counter()
+                for _ in range(new_tokens):
+                    llm.eval([token])
+                    token = last_token()
+                best_decode = min(best_decode, time.perf_counter() - start)
+        finally:
+            llm.close()
         return {"prefill_tok_s": prompt_len / best_prefill, "decode_tok_s": new_tokens / best_decode,
                 "prompt_len": prompt_len, "new_tokens": new_tokens, "batch_size": 1,
                 "threads": self.threads, "runtime": "llama.cpp", "llama_cpp_python": version()}

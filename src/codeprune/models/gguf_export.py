@@ -30,7 +30,8 @@ template, and the pre-tokenizer, recognised from the tokenizer's own split rule
 transformers does. A tokenizer whose rule llama.cpp does not know is refused.
 
 A model read from a GGUF file (the offline aliases) keeps the source's ``general.*``
-metadata (name, license, base model, ...), given as ``source_metadata``.
+metadata (license, base model, ...; its name becomes ``general.base_model.0.name`` when it
+names no base model), given as ``source_metadata``.
 """
 
 from __future__ import annotations
@@ -292,10 +293,13 @@ def _metadata(writer, lm: LoadedModel, plan: ExportPlan, name: str) -> None:
 
     config, adapter = lm.config, lm.adapter
     meta = {k: v for k, v in plan.source_metadata.items() if k.startswith("general.")}
-    meta.pop("general.architecture", None)
-    meta.pop("general.file_type", None)
-    meta.pop("general.quantization_version", None)
-    meta.setdefault("general.name", name)
+    for key in ("general.architecture", "general.file_type", "general.quantization_version",
+                "general.size_label"):  # this file's own, or no longer true of a pruned model
+        meta.pop(key, None)
+    source_name = meta.pop("general.name", None)
+    if source_name and not any(k.startswith("general.base_model.") for k in meta):
+        meta.update({"general.base_model.count": 1, "general.base_model.0.name": source_name})
+    meta["general.name"] = name
     for key, value in meta.items():
         if isinstance(value, str):
             writer.add_string(key, value)
