@@ -117,7 +117,8 @@ def test_quantized_exports_stay_close(tmp_path):
         path = export_gguf(lm, tmp_path / f"{qtype}.gguf", plan=plan_export(lm, qtype), progress=False)
         with LlamaCpp(path, n_ctx=64, threads=1) as rt:
             errors[qtype] = float(np.abs(rt.logits(tokens) - ref).mean())
-    assert errors["f16"] < errors["q8_0"] < errors["q4_0"] < 0.2 * float(np.abs(ref).mean())
+    assert errors["f16"] < errors["q8_0"] < errors["q4_0"], errors
+    assert errors["q8_0"] < 0.02 * float(np.abs(ref).mean()), errors
 
 
 def _cli(*args, cwd=None):
@@ -130,7 +131,7 @@ def test_export_cli_refuses_bad_input_in_one_line(tmp_path):
     not_a_run.mkdir()
     (not_a_run / "a.txt").write_text("x")
     cases = [
-        (["export", str(not_a_run), "--gguf", str(tmp_path / "a.gguf")], "not a model folder"),
+        (["export", str(not_a_run), "--gguf", str(tmp_path / "a.gguf")], "cannot read the config"),
         (["export", str(not_a_run), "--gguf", str(tmp_path / "a.gguf"), "--type", "q3_k"],
          "unsupported GGUF type"),
         (["export", str(not_a_run), "--gguf", str(tmp_path / "a.bin")], "must name a .gguf file"),
@@ -161,7 +162,7 @@ def test_export_then_eval_in_llama_cpp_through_the_cli(tmp_path):
     assert "FROM ./run.q8_0.gguf" in modelfile
     corpus = tmp_path / "code"
     corpus.mkdir()
-    for i in range(12):
+    for i in range(40):
         text = "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40))
         (corpus / f"m{i}.py").write_text(text)
     r = _cli("eval", "--model", str(gguf), "--runtime", "llama.cpp", "--ppl", f"python:{corpus}",

@@ -122,6 +122,8 @@ def plan_export(lm: LoadedModel, qtype: str = "f16", *, source_metadata: dict | 
     uniform = len(set(heads)) == len(set(kv)) == len(set(ffn)) == 1
     if uniform and not _has_extra_bias(lm):
         arch, per_layer, permute = adapter.gguf_arch, False, adapter.gguf_interleaved_rope
+        if adapter.gguf_fixed_width and heads[0] * adapter.head_dim != adapter.hidden_size:
+            arch, permute = "llama", True  # Qwen2 is Llama with q/k/v biases, which llama reads
     elif adapter.gguf_layer_norms:
         what = "layers of different sizes" if not uniform else "compensation biases on o_proj / down_proj"
         raise UnsupportedArchitectureError(

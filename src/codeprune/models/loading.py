@@ -111,13 +111,13 @@ def load_tokenizer(name: str):
 def gguf_tokenizer(path: str | Path):
     """The tokenizer a .gguf file describes, read from its metadata alone (no weights, no cache):
     what llama.cpp runs it with, as transformers builds it."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast  # not Auto: it needs a config class for the arch (deci)
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelNotFoundError(f"no such .gguf file: {path}")
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise CorruptModelError(f"cannot read the tokenizer of {path}: {_first_line(e)}") from e
 

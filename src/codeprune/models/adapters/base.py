@@ -70,6 +70,9 @@ class DecoderAdapter:
     gguf_arch: str | None = None
     gguf_interleaved_rope: bool = True
     gguf_layer_norms: dict[str, str] = {}
+    # the family architecture sizes q as the hidden size (llama.cpp's qwen2): a result with
+    # heads x head_dim != hidden goes to llama.cpp's llama architecture instead
+    gguf_fixed_width: bool = False
 
     # derived from roles (set by _derive)
     sublayer_names: tuple[str, ...] = ()

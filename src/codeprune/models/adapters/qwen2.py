@@ -13,3 +13,4 @@ class Qwen2Adapter(DecoderAdapter):
     transformers_family = ("qwen2", "Qwen2")
     gguf_arch = "qwen2"
     gguf_interleaved_rope = False
+    gguf_fixed_width = True
