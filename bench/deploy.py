@@ -50,7 +50,7 @@ def prepare(args, name: str, runs: Path):
         if kwargs is None:
             lm = codeprune.load(args.model)
         else:
-            lm = codeprune.prune(args.model, calib="python-stdlib", samples=args.samples, seq_len=512,
+            lm = codeprune.prune(args.model, calib="python-stdlib", samples=args.samples, seq_len=256,
                                  eval_ppl=False, efficiency=False, **kwargs).lm
         save_checkpoint(lm, folder, save_dtype="float32")
     lm = codeprune.load(str(folder))
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--types", default="f16,q8_0,q4_0")
     ap.add_argument("--runs", default="runs/deploy", help="where checkpoints and GGUF files go")
-    ap.add_argument("--samples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows of 256 tokens")
     ap.add_argument("--windows", type=int, default=16, help="held-out windows of 512 tokens")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files (several GB for 0.5B)")

@@ -86,6 +86,12 @@ class LlamaCpp:
     def n_vocab(self) -> int:
         return self.llm.n_vocab()
 
+    @property
+    def n_params(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_params(self.llm.model))
+
     def metadata(self) -> dict[str, str]:
         return dict(self.llm.metadata)
 

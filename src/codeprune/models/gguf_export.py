@@ -411,6 +411,6 @@ def modelfile_text(tokenizer, gguf_name: str) -> str:
     elif template:
         lines.append("# chat template: ollama reads it from the GGUF (tokenizer.chat_template)")
     else:
-        lines.append('TEMPLATE """{{ .Prompt }}"""  # a base model: the prompt as it is')
+        lines += ["# a base model: the prompt goes in as it is", 'TEMPLATE """{{ .Prompt }}"""']
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     return "\n".join(lines) + "\n"

@@ -180,7 +180,9 @@ def _eval(r: EvalReport) -> str:
     he = r.humaneval
     title = r.model or f"completions {(he.config if he else {}).get('completions')}"
     lines = [f"# codeprune eval: {title}", ""]
-    if r.params_total is not None:
+    if r.params_total is not None and r.runtime == "llama.cpp":
+        lines += [f"{fmt(r.params_total)} parameters (llama.cpp's count); run in llama.cpp.", ""]
+    elif r.params_total is not None:
         lines += [f"{fmt(r.params_total)} parameters, {fmt(r.params_nonzero)} non-zero; decoder Linear "
                   f"sparsity {fmt(r.sparsity, '.4f')}.", ""]
     if r.perplexity:

@@ -176,6 +176,7 @@ def _llama_cpp(report: EvalReport, plan: _Plan, path: Path, *, seq_len: int, win
         note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
     report.runtime = "llama.cpp"
     with LlamaCpp(path, n_ctx=max(seq_len, 256), threads=threads) as rt:
+        report.params_total = rt.n_params
         results = {}
         for corpus, lang in plan.corpora:
             held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
