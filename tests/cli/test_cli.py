@@ -417,7 +417,7 @@ class _Captured:
 def test_prune_passes_only_the_method_options_given(monkeypatch, capsys):
     from types import SimpleNamespace
 
-    fake = _Captured(SimpleNamespace(report={"ok": True}, out=None))
+    fake = _Captured(SimpleNamespace(report={"ok": True}, out=None, export=None))
     monkeypatch.setattr("codeprune.api.prune", fake)
     assert main(["prune", "--model", "m", "--method", "sparsegpt", "--block-size", "64", "--damp", "0.02",
                  "--pattern", "2:4", "--save-dtype", "bfloat16", "--json"]) == 0

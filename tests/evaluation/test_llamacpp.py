@@ -99,6 +99,42 @@ def test_llama_cpp_gives_transformers_logits_and_greedy_tokens(model_type, kind,
         assert rt.greedy(tokens, 8) == want
 
 
+def _bpe_tokenizer(rule: str):
+    """A byte-level BPE tokenizer trained on code and text with one of the split rules the export
+    recognises (Qwen2's regex, Llama 3's, SmolLM's digits + GPT-2)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    tok = Tokenizer(models.BPE())
+    if rule == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        split = pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[rule]), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                     use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((TEXTS + PROMPTS + ["x = 12345 + 678\n", "The quick brown fox's tail\n"]) * 30,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("rule", ["qwen2", "llama-bpe", "smollm"])
+def test_each_recognised_split_rule_tokenizes_alike_in_llama_cpp(rule, tmp_path):
+    tokenizer = _bpe_tokenizer(rule)
+    lm = make_tiny("llama", tokenizer=tokenizer)
+    plan = plan_export(lm, "f16")
+    assert plan.pre == rule
+    path = export_gguf(lm, tmp_path / "m.gguf", plan=plan, progress=False)
+    extra = ["it's 2024-12-07 at 10:30", "  x=1234567890  ", "I'LL SEE you'd", "a\n\n\tb  \r\n c"]
+    with LlamaCpp(path, n_ctx=64, threads=1) as rt:
+        for text in TEXTS + PROMPTS + extra:
+            assert rt.tokenize(text) == tokenizer(text, add_special_tokens=False)["input_ids"], text
+
+
 @pytest.mark.parametrize("pruned", [False, True])
 def test_llama_cpp_tokenizes_like_transformers(pruned, tmp_path):
     lm = _vocab("qwen2") if pruned else make_tiny("qwen2")
@@ -189,3 +225,54 @@ def test_llama_cpp_perplexity_matches_transformers_on_the_same_windows(tmp_path)
         got = rt.perplexity(windows)
     want = perplexity(lm, windows)
     assert got["tokens"] == want["tokens"] and got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+
+
+def test_prune_with_gguf_exports_beside_the_checkpoint(tmp_path):
+    lm = make_tiny("llama")
+    save_checkpoint(lm, tmp_path / "tiny")
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(6):
+        (code / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 40)
+    base = ["prune", "--model", str(tmp_path / "tiny"), "--method", "magnitude-sp", "--ratio", "0.3",
+            "--structure", "uniform", "--calib", f"python:{code}", "--samples", "4", "--seq-len", "32",
+            "--no-eval"]
+    for extra, message in ((["--out", str(tmp_path / "bad"), "--gguf", "q3_k"], "unsupported GGUF type"),
+                           (["--gguf", "f16"], "give --out too")):
+        r = _cli(*base, *extra)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "bad").exists()
+    r = _cli(*base, "--out", str(tmp_path / "runs" / "m"), "--gguf", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "GGUF:" in r.stdout and (tmp_path / "runs" / "m" / "config.json").is_file()
+    gguf_path = tmp_path / "runs" / "m.q8_0.gguf"
+    assert (tmp_path / "runs" / "m.q8_0.Modelfile").is_file()
+    with LlamaCpp(gguf_path, n_ctx=64, threads=1) as rt:
+        assert rt.metadata()["general.architecture"] == "llama" and rt.metadata()["general.name"] == "m.q8_0"
+
+
+def test_vocab_pruned_gguf_scored_per_original_token_in_llama_cpp(tmp_path):
+    """--ppl-tokenizer ORIGINAL: windows cut by the original tokenizer grow when remapped (a removed
+    token becomes several): the context is sized for the longest, and the figure is per original
+    token, as the transformers path reports it."""
+    from codeprune.api import evaluate
+    from codeprune.errors import ConfigError
+
+    original = make_tiny("llama")
+    save_checkpoint(original, tmp_path / "orig")
+    lm = _vocab("llama")
+    path = export_gguf(lm, tmp_path / "v.gguf", plan=plan_export(lm, "f32"), progress=False)
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(30):
+        (code / f"m{i}.py").write_text(f"print('zz qq {i}')\nclass K{i}:\n    y = 'unseen words here'\n" * 30)
+    res = evaluate(str(path), ppl=[f"python:{code}"], runtime="llama.cpp", seq_len=64, windows=4,
+                   ppl_tokenizer=str(tmp_path / "orig"), efficiency=False)
+    (score,) = res["perplexity"].values()
+    assert score["per"] == "original token" and score["model_tokens"] > score["tokens"]
+    assert np.isfinite(score["ppl"])
+    for kwargs, message in (({"offload": True}, "--offload"), ({"threads": 0}, "--threads")):
+        with pytest.raises(ConfigError, match=message):
+            evaluate(str(path), runtime="llama.cpp", **kwargs)
+    with pytest.raises(ConfigError, match="--threads"):
+        evaluate(str(tmp_path / "orig"), threads=2)

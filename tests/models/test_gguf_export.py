@@ -132,7 +132,10 @@ def test_per_layer_file_holds_arrays_biases_and_exact_shapes(tmp_path):
     sizes = [lm.adapter.layer_sizes(layer) for layer in lm.adapter.layers()]
     assert meta["deci.attention.head_count"] == [s["heads"] for s in sizes]
     assert meta["deci.attention.head_count_kv"] == [s["kv_heads"] for s in sizes]
-    assert meta["deci.feed_forward_length"] == [s["intermediate"] for s in sizes]
+    # FFN widths padded with zero channels to a multiple of 32 (same function; quantizable, fast)
+    assert meta["deci.feed_forward_length"] == [-(-s["intermediate"] // 32) * 32 for s in sizes]
+    widths = [s["intermediate"] for s in sizes]
+    assert plan.padded_channels == sum(meta["deci.feed_forward_length"]) - sum(widths)
     assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.model"] == "gpt2"
     layer = lm.adapter.layers()[1]
     q = layer.self_attn.q_proj
@@ -141,13 +144,19 @@ def test_per_layer_file_holds_arrays_biases_and_exact_shapes(tmp_path):
     np.testing.assert_array_equal(stored, expected)
     np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down.bias"].data),
                                   layer.mlp.down_proj.bias.detach().numpy())
+    width, padded = sizes[1]["intermediate"], meta["deci.feed_forward_length"][1]
+    down = np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(64, padded)
+    np.testing.assert_array_equal(down[:, :width], layer.mlp.down_proj.weight.detach().numpy())
+    assert not down[:, width:].any()
+    gate = np.asarray(tensors["blk.1.ffn_gate.weight"].data).reshape(padded, 64)
+    assert not gate[width:].any() and plan_export(lm, "f32", ffn_multiple=1).ffn[1] == width
     assert "blk.1.attn_output.bias" in tensors and "output.weight" in tensors  # tiny models are untied
     assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_quantized_export_falls_back_for_rows_that_do_not_block(tmp_path):
     lm = structured("llama", "adaptive", compensation=False)
-    plan = plan_export(lm, "q8_0")
+    plan = plan_export(lm, "q8_0", ffn_multiple=1)  # unpadded: odd widths cannot be quantized
     path = export_gguf(lm, tmp_path / "m.gguf", plan=plan, progress=False)
     _, tensors = _read(path)
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
@@ -205,3 +214,15 @@ def test_source_metadata_is_read_from_the_offline_gguf(smollm2):
     assert kv["tokenizer.ggml.pre"] and kv["tokenizer.n_tokens"] == len(smollm2.tokenizer)
     assert any(k.startswith("general.") for k in kv)
     json.dumps(kv)  # recorded in the cache's source file
+
+
+def test_rope_scaling_and_sentencepiece_tokenizers_are_refused():
+    lm = make_tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedArchitectureError, match="rope scaling 'linear'"):
+        plan_export(lm, "f16")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(vocab={"<unk>": 0, "\u2581a": 1}, merges=[], byte_fallback=True))
+    with pytest.raises(UnsupportedArchitectureError, match="SentencePiece"):
+        pre_tokenizer_name(PreTrainedTokenizerFast(tokenizer_object=sp))

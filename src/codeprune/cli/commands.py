@@ -85,7 +85,8 @@ def cmd_prune(args) -> int:
                    eval_ppl=not args.no_eval, eval_windows=args.eval_windows, dtype=args.dtype,
                    gguf=args.gguf, **_save_dtype(args), **given_options(args))
     if args.json:
-        print(json.dumps(result.report, indent=2))
+        extra = {"gguf_export": result.export} if result.export is not None else {}
+        print(json.dumps({**result.report, **extra}, indent=2))
     else:
         from codeprune.reporting.markdown import render
 

@@ -111,6 +111,9 @@ class LlamaCpp:
     def greedy(self, ids, new_tokens: int) -> list[int]:
         """``new_tokens`` greedy continuation tokens of ``ids``."""
         ids = [int(t) for t in ids]
+        if len(ids) + new_tokens > self.n_ctx:
+            raise ConfigError(f"{len(ids)} + {new_tokens} tokens do not fit the llama.cpp context "
+                              f"of {self.n_ctx}")
         self.llm.reset()
         self.llm.eval(ids)
         out = []
@@ -154,9 +157,12 @@ class LlamaCpp:
 
         rng = np.random.default_rng(seed)
         ids = rng.integers(0, self.n_vocab, prompt_len).tolist()
-        llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=prompt_len + new_tokens + 8,
-                              n_batch=max(prompt_len, 8), n_threads=self.threads,
-                              n_threads_batch=self.threads, verbose=False, seed=0)
+        try:
+            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=prompt_len + new_tokens + 8,
+                                  n_batch=max(prompt_len, 8), n_threads=self.threads,
+                                  n_threads_batch=self.threads, verbose=False, seed=0)
+        except (ValueError, RuntimeError) as e:
+            raise CorruptModelError(f"llama.cpp cannot load {self.path}: {str(e).splitlines()[0]}") from None
 
         def last_token() -> int:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(self.n_vocab,))

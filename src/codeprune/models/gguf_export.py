@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from codeprune.errors import ConfigError, UnsupportedArchitectureError
 from codeprune.models.loaded import LoadedModel
@@ -53,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 BLOCK = 32  # values per block of every quantized type above
+# FFN widths are padded with zero channels to a multiple of this: pruning leaves odd widths
+# (3839 of 4864), which no quantized type can store (32-value blocks) and llama.cpp's matrix
+# kernels run on a slow path (measured: bench/deploy.py, README "Deploy")
+FFN_MULTIPLE = 32
 
 # canonical sublayer name -> GGUF tensor name inside blk.N
 _LINEAR_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -86,6 +91,8 @@ class ExportPlan:
     heads: list[int]
     kv_heads: list[int]
     ffn: list[int]
+    tokenizer: dict = field(default_factory=dict, repr=False)  # tokenizer_fields()
+    padded_channels: int = 0  # zero FFN channels added, over all layers
     fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> type it fell back to
     source_metadata: dict = field(default_factory=dict)
 
@@ -103,20 +110,25 @@ def _has_extra_bias(lm: LoadedModel) -> bool:
                for name, lin in lm.adapter.linears(layer).items() if name in _EXTRA_BIAS)
 
 
-def plan_export(lm: LoadedModel, qtype: str = "f16", *, source_metadata: dict | None = None) -> ExportPlan:
+def plan_export(lm: LoadedModel, qtype: str = "f16", *, source_metadata: dict | None = None,
+                ffn_multiple: int = FFN_MULTIPLE) -> ExportPlan:
     """Choose the llama.cpp architecture, pre-tokenizer and types for ``lm``; raise
-    ``ConfigError`` / ``UnsupportedArchitectureError`` for what llama.cpp cannot run."""
+    ``ConfigError`` / ``UnsupportedArchitectureError`` for what llama.cpp cannot run.
+    ``ffn_multiple``: FFN widths are padded with zero channels up to a multiple of it."""
     if qtype not in GGUF_TYPES:
         raise ConfigError(f"unsupported GGUF type '{qtype}': choose one of {', '.join(GGUF_TYPES)}")
+    if not isinstance(ffn_multiple, int) or ffn_multiple < 1:
+        raise ConfigError(f"the FFN width multiple must be a positive integer, got {ffn_multiple}")
     adapter, config = lm.adapter, lm.config
     if adapter.gguf_arch is None:
         raise UnsupportedArchitectureError(f"{config.model_type} has no llama.cpp architecture in "
                                            "codeprune's GGUF export")
-    _check_config(config)
+    _check_config(adapter)
     sizes = _layer_sizes(lm)
     heads = [s["heads"] for s in sizes]
     kv = [s["kv_heads"] for s in sizes]
-    ffn = [s["intermediate"] for s in sizes]
+    widths = [s["intermediate"] for s in sizes]
+    ffn = [-(-w // ffn_multiple) * ffn_multiple for w in widths]  # zero channels up to the multiple
     if min(heads) == 0 or min(kv) == 0 or min(ffn) == 0:
         raise UnsupportedArchitectureError("a layer without heads or FFN channels cannot be exported to GGUF")
     uniform = len(set(heads)) == len(set(kv)) == len(set(ffn)) == 1
@@ -135,27 +147,20 @@ def plan_export(lm: LoadedModel, qtype: str = "f16", *, source_metadata: dict | 
     source_metadata = dict(source_metadata or {})
     pre = source_metadata.get("tokenizer.ggml.pre") or pre_tokenizer_name(lm.tokenizer)
     return ExportPlan(arch=arch, qtype=qtype, per_layer=per_layer, permute_rope=permute, pre=pre,
-                      heads=heads, kv_heads=kv, ffn=ffn, source_metadata=source_metadata)
+                      heads=heads, kv_heads=kv, ffn=ffn, source_metadata=source_metadata,
+                      tokenizer=tokenizer_fields(lm.tokenizer, adapter.vocab_size),
+                      padded_channels=sum(ffn) - sum(widths))
 
 
-def _rope(config) -> tuple[str | None, float]:
-    """(rope type, theta) from transformers 5's ``rope_parameters`` (or the older fields)."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(params, dict):
-        params = {}
-    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
-    return params.get("rope_type", params.get("type", "default")), float(theta)
-
-
-def _check_config(config) -> None:
+def _check_config(adapter) -> None:
     """Refuse what the GGUF keys written here cannot express."""
-    rope_type = _rope(config)[0]
-    if rope_type not in ("default", None):
-        raise UnsupportedArchitectureError(f"rope scaling '{rope_type}' is not written to GGUF by codeprune")
-    window = getattr(config, "sliding_window", None)
-    if config.model_type == "mistral" and window and window < getattr(config, "max_position_embeddings", 0):
-        logger.warning("llama.cpp runs Mistral without its sliding window: outputs match within %d tokens",
-                       config.sliding_window)
+    rope_type = adapter.rope()[0]
+    if rope_type != "default":
+        raise UnsupportedArchitectureError(f"rope scaling '{rope_type}' is not written to GGUF by codeprune "
+                                           "yet (only the default rope)")
+    if adapter.sliding_window:
+        logger.warning("llama.cpp runs this model without its sliding window: outputs match within %d tokens",
+                       adapter.sliding_window)
 
 
 # -- tokenizer ----------------------------------------------------------------
@@ -174,6 +179,12 @@ def pre_tokenizer_name(tokenizer) -> str:
     if model.get("type") != "BPE":
         raise UnsupportedArchitectureError(
             f"GGUF export writes byte-level BPE tokenizers; this one is {model.get('type')}")
+    sentencepiece = model.get("byte_fallback") or "Metaspace" in json.dumps(spec.get("pre_tokenizer")) \
+        or "\u2581" in json.dumps(spec.get("normalizer"), ensure_ascii=False)
+    if sentencepiece:
+        raise UnsupportedArchitectureError(
+            "GGUF export writes byte-level BPE tokenizers; SentencePiece-style ones (Llama 2, CodeLlama, "
+            "Mistral) are not written yet")
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
@@ -236,6 +247,16 @@ def _permute_rows(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(t.shape)
 
 
+def _pad_ffn(name: str, w: torch.Tensor, b: torch.Tensor | None, width: int):
+    """gate / up with zero rows, down with zero columns, up to ``width`` channels: a zero channel's
+    gate and up outputs are 0, silu(0) * 0 = 0, so it adds nothing to down's output."""
+    if name == "down_proj":
+        return torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], dim=1), b
+    rows = width - w.shape[0]
+    return (torch.cat([w, w.new_zeros(rows, w.shape[1])]),
+            None if b is None else torch.cat([b, b.new_zeros(rows)]))
+
+
 def _tensors(lm: LoadedModel, plan: ExportPlan):
     """(GGUF name, float32 tensor) for every weight, in llama.cpp's order."""
     adapter = lm.adapter
@@ -246,6 +267,9 @@ def _tensors(lm: LoadedModel, plan: ExportPlan):
         for name, lin in adapter.linears(layer).items():
             gname = _LINEAR_NAMES[name]
             w, b = lin.weight, lin.bias
+            channels = w.shape[1] if name == "down_proj" else w.shape[0]
+            if name in ("gate_proj", "up_proj", "down_proj") and plan.ffn[i] > channels:
+                w, b = _pad_ffn(name, w, b, plan.ffn[i])
             if plan.permute_rope and name in ("q_proj", "k_proj"):
                 n = plan.heads[i] if name == "q_proj" else plan.kv_heads[i]
                 w = _permute_rows(w, n)
@@ -262,28 +286,40 @@ def _tensors(lm: LoadedModel, plan: ExportPlan):
         yield "output.weight", adapter.lm_head().weight
 
 
-def _tensor_type(name: str, array: np.ndarray, qtype: str) -> str:
-    if array.ndim == 1 or qtype == "f32":
+def _tensor_type(name: str, shape: tuple[int, ...], qtype: str) -> str:
+    if len(shape) == 1 or qtype == "f32":
         return "f32"
     if qtype in ("f16", "bf16"):
         return qtype
-    if array.shape[-1] % BLOCK:
+    if shape[-1] % BLOCK:
         return "f16"
     if name == "output.weight" and qtype.startswith(("q4", "q5")):
         return "q8_0"
     return qtype
 
 
-def _encode(array: np.ndarray, ttype: str):
-    """(data, raw_dtype or None) for GGUFWriter.add_tensor."""
+def _ggml_type(ttype: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, ttype.upper())
+
+
+def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[_ggml_type(ttype)]
+    return int(np.prod(shape)) // block * size
+
+
+def _encode(array: np.ndarray, ttype: str) -> np.ndarray:
+    """``array`` (float32) as the bytes GGUF stores for ``ttype``."""
     import gguf
 
     if ttype == "f32":
-        return array.astype(np.float32), None
+        return array
     if ttype == "f16":
-        return array.astype(np.float16), None
-    qt = getattr(gguf.GGMLQuantizationType, ttype.upper())
-    return gguf.quants.quantize(array.astype(np.float32), qt), qt
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, _ggml_type(ttype))
 
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -293,7 +329,7 @@ _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8
 def _metadata(writer, lm: LoadedModel, plan: ExportPlan, name: str) -> None:
     import gguf
 
-    config, adapter = lm.config, lm.adapter
+    adapter = lm.adapter
     meta = {k: v for k, v in plan.source_metadata.items() if k.startswith("general.")}
     for key in ("general.architecture", "general.file_type", "general.quantization_version",
                 "general.size_label"):  # this file's own, or no longer true of a pruned model
@@ -315,7 +351,7 @@ def _metadata(writer, lm: LoadedModel, plan: ExportPlan, name: str) -> None:
             writer.add_array(key, value)
     writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[plan.qtype])))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+    writer.add_context_length(adapter.context_length)
     writer.add_embedding_length(adapter.hidden_size)
     writer.add_block_count(adapter.num_layers)
     if plan.per_layer:
@@ -329,11 +365,11 @@ def _metadata(writer, lm: LoadedModel, plan: ExportPlan, name: str) -> None:
     writer.add_key_length(adapter.head_dim)
     writer.add_value_length(adapter.head_dim)
     writer.add_rope_dimension_count(adapter.head_dim)
-    writer.add_rope_freq_base(_rope(config)[1])
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(adapter.rope()[1])
+    writer.add_layer_norm_rms_eps(adapter.norm_eps)
     writer.add_vocab_size(adapter.vocab_size)
 
-    tok = tokenizer_fields(lm.tokenizer, adapter.vocab_size)
+    tok = plan.tokenizer
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(plan.pre)
     writer.add_token_list(tok["tokens"])
@@ -365,19 +401,25 @@ def export_gguf(lm: LoadedModel, out: str | Path, *, plan: ExportPlan, overwrite
     out = Path(out)
 
     def write(tmp: Path) -> None:
+        # two passes over the weights: the tensor infos (names, shapes, types: the header needs
+        # them all), then the data one tensor at a time, so no second copy of the model is held
         writer = gguf.GGUFWriter(tmp, plan.arch)
         _metadata(writer, lm, plan, name or out.stem)
-        with torch.no_grad():
-            for gname, t in _tensors(lm, plan):
-                array = t.detach().to("cpu", torch.float32).numpy()
-                ttype = _tensor_type(gname, array, plan.qtype)
-                if ttype != ("f32" if array.ndim == 1 else plan.qtype):
-                    plan.fallbacks[gname] = ttype
-                data, raw = _encode(array, ttype)
-                writer.add_tensor(gname, data, raw_dtype=raw)
+        types = {}
+        for gname, t in _tensors(lm, plan):
+            shape = tuple(t.shape)
+            types[gname] = ttype = _tensor_type(gname, shape, plan.qtype)
+            if ttype != ("f32" if len(shape) == 1 else plan.qtype):
+                plan.fallbacks[gname] = ttype
+            writer.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, ttype),
+                                   raw_dtype=_ggml_type(ttype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=progress)
+        writer.write_ti_data_to_file()
+        with torch.no_grad():
+            for gname, t in tqdm(_tensors(lm, plan), total=len(types), desc="GGUF", disable=not progress,
+                                 leave=False):
+                writer.write_tensor_data(_encode(t.detach().to("cpu", torch.float32).numpy(), types[gname]))
         writer.close()
 
     path = write_path_atomically(out, overwrite, write, expected_bytes=gguf_bytes(lm, plan))

@@ -145,12 +145,16 @@ def _efficiency(lm: LoadedModel) -> Efficiency:
 RUNTIMES = ("transformers", "llama.cpp")
 
 
-def _check_runtime(runtime: str, model, plan: _Plan) -> None:
+def _check_runtime(runtime: str, model, plan: _Plan, threads: int | None, offload: bool) -> None:
     """llama.cpp runs a .gguf file: perplexity and speed, no HumanEval (before any work)."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"unknown runtime '{runtime}': choose {' or '.join(RUNTIMES)}")
+    if threads is not None and (runtime != "llama.cpp" or threads < 1):
+        raise ConfigError("--threads takes a count >= 1 and goes with --runtime llama.cpp")
     if runtime == "transformers":
         return
+    if offload:
+        raise ConfigError("--offload is for the transformers runtime; llama.cpp runs the GGUF on the CPU")
     if isinstance(model, LoadedModel) or not str(model).endswith(".gguf"):
         raise ConfigError("--runtime llama.cpp runs a .gguf file: export the run first "
                           "(codeprune export RUN --gguf FILE.gguf)")
@@ -175,11 +179,14 @@ def _llama_cpp(report: EvalReport, plan: _Plan, path: Path, *, seq_len: int, win
         remap = make_remap(window_tok, tokenizer, id_map(window_tok, tokenizer))
         note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
     report.runtime = "llama.cpp"
-    with LlamaCpp(path, n_ctx=max(seq_len, 256), threads=threads) as rt:
+    helds = [(corpus, lang, heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows))
+             for corpus, lang in plan.corpora]
+    n_ctx = max([seq_len, 256] + [len(remap(row)) for *_, held in helds if remap
+                                  for row in held.input_ids.tolist()])  # removed tokens split in several
+    with LlamaCpp(path, n_ctx=n_ctx, threads=threads) as rt:
         report.params_total = rt.n_params
         results = {}
-        for corpus, lang in plan.corpora:
-            held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
+        for corpus, lang, held in helds:
             scores = rt.perplexity(held, remap=remap, name=display_name(str(path)), desc=f"ppl {corpus.spec}")
             scores.pop("runtime")
             key = display_name(corpus.spec)
@@ -223,7 +230,7 @@ def evaluate(model: str | LoadedModel | None = None, *, ppl: list[str] | tuple[s
     (default one per core) in place of the efficiency section.
     Returns report.json's content (reporting/schema.py ``EvalReport``), plus "out" when written."""
     plan = _plan(model, ppl, humaneval, efficiency)
-    _check_runtime(runtime, model, plan)
+    _check_runtime(runtime, model, plan, threads, offload)
     check_out(out, overwrite, model, *(ppl or ()))
     dev = resolve_device(device)
     _read_sources(plan, model, seq_len, windows, text_field)

@@ -61,6 +61,12 @@ def check_gguf_outputs(gguf: str | Path, overwrite: bool, *reads, modelfile: boo
         check_out(modelfile_path(gguf), overwrite, *reads, kind="file")
 
 
+def preflight(lm: LoadedModel, gguf_type: str) -> None:
+    """Refuse, before pruning, an export the model already rules out (``prune --gguf``): no
+    llama.cpp architecture, rope scaling, a tokenizer llama.cpp cannot be given."""
+    plan_export(lm, gguf_type)
+
+
 def _base_name(model, lm: LoadedModel) -> str:
     """The model a run was pruned from (its report.json names it), else the model itself."""
     folder = Path(str(lm.origin.get("path") or model))

@@ -24,7 +24,7 @@ import torch
 from codeprune.calibration.devices import place_model, resolve_device
 from codeprune.data import calibration_windows, heldout_windows, read_source
 from codeprune.data.calibration import check_window_sizes
-from codeprune.errors import ConfigError
+from codeprune.errors import CodepruneError, ConfigError
 from codeprune.evaluation.efficiency import efficiency_report, energy_tracker, measure_speed
 from codeprune.evaluation.perplexity import perplexity, perplexity_remapped, protocol
 from codeprune.methods import METHODS, is_structured, option_default
@@ -48,7 +48,7 @@ from codeprune.reporting.provenance import display_name
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
 from codeprune.workflows.common import as_loaded, check_out, prune_header, releasing_outputs, weights_bytes
-from codeprune.workflows.export import check_gguf_outputs, check_type, export_loaded
+from codeprune.workflows.export import check_gguf_outputs, check_type, export_loaded, preflight
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
@@ -111,6 +111,8 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
     dev = resolve_device(device)
     lm, corpus, calib_set, held = _prepare(model, calib, samples, seq_len, seed, text_field, dtype,
                                            eval_windows if eval_ppl else None, reach=(rec, target))
+    if gguf_out is not None:
+        preflight(lm, gguf)  # what the dense model already tells: architecture, rope, tokenizer
     if not offload:
         place_model(lm, dev)
 
@@ -136,8 +138,11 @@ def prune(model: str | LoadedModel, method: str | None = None, *, sparsity: floa
         place_model(lm, dev)  # speed and memory need the whole model on the device
     result = _finish(lm, report, efficiency, dense["speed"], out, overwrite, save_dtype)
     if gguf_out is not None:
-        result.export = export_loaded(lm, gguf_out, gguf_type=gguf, overwrite=overwrite,
-                                      base=model if isinstance(model, str) else lm.name).to_dict()
+        try:
+            result.export = export_loaded(lm, gguf_out, gguf_type=gguf, overwrite=overwrite,
+                                          base=model if isinstance(model, str) else lm.name).to_dict()
+        except CodepruneError as e:
+            raise type(e)(f"the checkpoint is saved in {result.out}, but no GGUF was written: {e}") from e
     return result
 
 

@@ -195,6 +195,28 @@ class DecoderAdapter:
         return getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads
 
     @property
+    def norm_eps(self) -> float:
+        return float(self.config.rms_norm_eps)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", None) or 2048)
+
+    def rope(self) -> tuple[str, float]:
+        """(rope type, theta): transformers 5's ``rope_parameters``, or the older config fields."""
+        params = getattr(self.config, "rope_parameters", None) or getattr(self.config, "rope_scaling", None)
+        params = params if isinstance(params, dict) else {}
+        theta = params.get("rope_theta") or getattr(self.config, "rope_theta", None) or 10000.0
+        return str(params.get("rope_type", params.get("type")) or "default"), float(theta)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window when the model attends to fewer tokens than its context."""
+        window = getattr(self.config, "sliding_window", None)
+        used = getattr(self.config, "use_sliding_window", True)
+        return window if window and used and window < self.context_length else None
+
+    @property
     def vocab_size(self) -> int:
         return self.embed_tokens().weight.shape[0]
 

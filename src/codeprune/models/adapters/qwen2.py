@@ -14,3 +14,7 @@ class Qwen2Adapter(DecoderAdapter):
     gguf_arch = "qwen2"
     gguf_interleaved_rope = False
     gguf_fixed_width = True
+
+    @property
+    def sliding_window(self) -> int | None:
+        return None  # Qwen2 configs carry a window that applies only with use_sliding_window (off)
