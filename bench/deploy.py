@@ -117,7 +117,8 @@ def main() -> None:
             start = time.perf_counter()
             export_gguf(lm, path, plan=plan, overwrite=True, progress=False)
             export_s = time.perf_counter() - start
-            with LlamaCpp(path, n_ctx=512) as rt:
+            n_ctx = max([512] + [len(remap(row)) for row in held.input_ids.tolist()] if remap else [512])
+            with LlamaCpp(path, n_ctx=n_ctx) as rt:
                 ppl = rt.perplexity(held, remap=remap)["ppl"]
                 speed = rt.speed(prompt_len=128, new_tokens=128, repeats=5)
             if name == "dense":

@@ -194,6 +194,7 @@ def test_export_then_eval_in_llama_cpp_through_the_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["architecture"] == "deci" and summary["type"] == "q8_0" and gguf.is_file()
+    assert summary["padded_channels"] > 0 and summary["fallbacks"] == {}  # odd widths padded: all q8_0
     modelfile = (tmp_path / "run.q8_0.Modelfile").read_text()
     assert "FROM ./run.q8_0.gguf" in modelfile
     corpus = tmp_path / "code"

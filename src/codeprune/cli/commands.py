@@ -111,7 +111,7 @@ def cmd_export(args) -> int:
     from codeprune.api import export
 
     result = export(args.model, args.gguf, gguf_type=args.gguf_type, overwrite=args.overwrite,
-                    modelfile=not args.no_modelfile).to_dict()
+                    modelfile=not args.no_modelfile, ffn_multiple=args.ffn_multiple).to_dict()
     if args.json:
         print(json.dumps(result, indent=2))
     else:

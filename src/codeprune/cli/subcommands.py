@@ -81,6 +81,9 @@ def build_export(p: argparse.ArgumentParser) -> None:
                    help="the GGUF file to write (an ollama Modelfile is written beside it)")
     p.add_argument("--type", dest="gguf_type", default="f16", metavar="TYPE",
                    help=f"weight type: {GGUF_TYPE_HELP} (default f16; norms and biases stay f32)")
+    p.add_argument("--ffn-multiple", type=int, default=32, metavar="N",
+                   help="pad every FFN width with zero channels to a multiple of N (default 32: the same "
+                        "outputs, quantizable rows and llama.cpp's fast kernels; 1: as pruned)")
     p.add_argument("--no-modelfile", action="store_true", help="do not write the ollama Modelfile")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     add_json(p, "the summary")

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeprune.errors import ConfigError
-from codeprune.models.gguf_export import GGUF_TYPES, ExportPlan, export_gguf, modelfile_text, plan_export
+from codeprune.models.gguf_export import (
+    FFN_MULTIPLE,
+    GGUF_TYPES,
+    ExportPlan,
+    export_gguf,
+    modelfile_text,
+    plan_export,
+)
 from codeprune.models.loading import LoadedModel
 from codeprune.models.offline import source_gguf_kv
 from codeprune.outputs import write_file_atomically
@@ -37,7 +44,8 @@ class ExportResult:
         p = self.plan
         return {"gguf": str(self.gguf), "modelfile": str(self.modelfile) if self.modelfile else None,
                 "architecture": p.arch, "type": p.qtype, "per_layer": p.per_layer, "pre_tokenizer": p.pre,
-                "fallbacks": dict(p.fallbacks), "bytes": self.bytes, "seconds": self.seconds,
+                "fallbacks": dict(p.fallbacks), "padded_channels": p.padded_channels, "bytes": self.bytes,
+                "seconds": self.seconds,
                 "notes": self.notes}
 
 
@@ -77,12 +85,13 @@ def _base_name(model, lm: LoadedModel) -> str:
 
 
 def export_loaded(lm: LoadedModel, gguf: str | Path, *, gguf_type: str = "f16", overwrite: bool = False,
-                  modelfile: bool = True, base: str | None = None) -> ExportResult:
+                  modelfile: bool = True, base: str | None = None,
+                  ffn_multiple: int = FFN_MULTIPLE) -> ExportResult:
     """Export a model already in memory (``prune --gguf`` calls this after saving)."""
     kv = source_gguf_kv(base) if base else {}
     if kv.get("tokenizer.n_tokens") != len(lm.tokenizer):  # a pruned vocabulary: its own split rule
         kv.pop("tokenizer.ggml.pre", None)
-    plan = plan_export(lm, gguf_type, source_metadata=kv)
+    plan = plan_export(lm, gguf_type, source_metadata=kv, ffn_multiple=ffn_multiple)
     start = time.perf_counter()
     path = export_gguf(lm, gguf, plan=plan, overwrite=overwrite, name=Path(gguf).name.removesuffix(".gguf"))
     seconds = time.perf_counter() - start
@@ -92,17 +101,24 @@ def export_loaded(lm: LoadedModel, gguf: str | Path, *, gguf_type: str = "f16", 
         mf = write_file_atomically(modelfile_path(path), overwrite, lambda f: f.write(text))
     notes = [f"{name} written as {t} (rows not in 32-value blocks, or the output kept above 4 bits)"
              for name, t in plan.fallbacks.items()]
+    if plan.padded_channels:
+        notes.append(f"{plan.padded_channels} zero FFN channels added over all layers (widths to a multiple "
+                     f"of {ffn_multiple}: the same outputs, llama.cpp's fast kernels, quantizable rows)")
     return ExportResult(path, mf, plan, seconds, path.stat().st_size, notes)
 
 
 @releasing_outputs
 def export(model: str | LoadedModel, gguf: str | Path, *, gguf_type: str = "f16", overwrite: bool = False,
-           modelfile: bool = True) -> ExportResult:
+           modelfile: bool = True, ffn_multiple: int = FFN_MULTIPLE) -> ExportResult:
     """Write ``model`` (a run folder, an offline alias, a folder, a hub id) as the GGUF file
     ``gguf`` at ``gguf_type`` (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0), and an ollama
-    Modelfile beside it. Unsupported shapes, tokenizers or types are refused before any write."""
+    Modelfile beside it. FFN widths are padded with zero channels to a multiple of
+    ``ffn_multiple`` (1: as they are). Unsupported shapes, tokenizers or types are refused
+    before any write."""
     check_type(gguf_type)
+    if not isinstance(ffn_multiple, int) or ffn_multiple < 1:
+        raise ConfigError(f"--ffn-multiple must be a positive integer, got {ffn_multiple}")
     check_gguf_outputs(gguf, overwrite, model, modelfile=modelfile)
     lm = model if isinstance(model, LoadedModel) else load(model)
     return export_loaded(lm, gguf, gguf_type=gguf_type, overwrite=overwrite, modelfile=modelfile,
-                         base=_base_name(model, lm))
+                         base=_base_name(model, lm), ffn_multiple=ffn_multiple)
