@@ -164,11 +164,16 @@ def test_interrupt_in_process_leaves_no_descriptor():
         fired.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Ctrl-C as in a terminal: a suite started in the background (cmd &) inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Thread(target=interrupt)
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_programs(["import time\ntime.sleep(600)\n"] * 6, workers=3,
-                     limits=SandboxLimits(timeout=30, uid_base=UID_BASE))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_programs(["import time\ntime.sleep(600)\n"] * 6, workers=3,
+                         limits=SandboxLimits(timeout=30, uid_base=UID_BASE))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     elapsed = time.monotonic() - fired[0]
     timer.join()
     assert elapsed < 1.0, f"the interrupt took {elapsed:.2f} s"
