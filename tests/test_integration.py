@@ -127,7 +127,7 @@ def test_adaptive_flap_on_smollm2_reloads_and_generates(structured):
 
 def test_adaptive_flap_gguf_in_llama_cpp_matches_transformers_perplexity(structured, tmp_path):
     """Issue 15: FLAP adaptive 20% -> GGUF (deci) -> llama.cpp perplexity within 1% of transformers'
-    on the same held-out windows (f16 export; 0.1% at f32)."""
+    on the same held-out windows (f16 export; f32 logits are checked in tests/evaluation/test_llamacpp.py)."""
     from codeprune.data import heldout_windows, read_source
     from codeprune.evaluation.llamacpp import LlamaCpp
     from codeprune.evaluation.perplexity import perplexity
@@ -135,7 +135,7 @@ def test_adaptive_flap_gguf_in_llama_cpp_matches_transformers_perplexity(structu
     res = structured["flap"]
     held = heldout_windows(res.model.tokenizer, read_source("python-stdlib"), seq_len=256, max_windows=8)
     want = perplexity(res.model, held)["ppl"]
-    for gguf_type, tolerance in (("f32", 0.001), ("f16", 0.01)):
+    for gguf_type, tolerance in (("f16", 0.01),):
         path = tmp_path / f"flap.{gguf_type}.gguf"
         assert main(["export", str(res.out), "--gguf", str(path), "--type", gguf_type]) == 0
         with LlamaCpp(path, n_ctx=256, threads=2) as rt:
@@ -150,8 +150,8 @@ def test_dense_smollm2_gguf_keeps_the_source_metadata(smollm2, tmp_path):
     from codeprune.evaluation.llamacpp import LlamaCpp
     from codeprune.models.offline import source_gguf_kv
 
-    path = tmp_path / "smollm2.f32.gguf"
-    assert main(["export", "smollm2-135m", "--gguf", str(path), "--type", "f32", "--no-modelfile"]) == 0
+    path = tmp_path / "smollm2.f16.gguf"
+    assert main(["export", "smollm2-135m", "--gguf", str(path), "--type", "f16", "--no-modelfile"]) == 0
     source = source_gguf_kv("smollm2-135m")
     fields = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
     assert fields["general.architecture"] == "llama"
@@ -164,7 +164,7 @@ def test_dense_smollm2_gguf_keeps_the_source_metadata(smollm2, tmp_path):
         want = smollm2.model(input_ids=torch.tensor([ids])).logits[0].numpy()
     with LlamaCpp(path, n_ctx=64, threads=2) as rt:
         got = rt.logits(ids)
-    assert abs(got - want).max() < 1e-2 * abs(want).max()
+    assert abs(got - want).max() < 3e-2 * abs(want).max()  # f16 weights
 
 
 # -- LLM-Pruner and recovery (issue 5) -----------------------------------------------------
