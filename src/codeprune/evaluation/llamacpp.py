@@ -56,7 +56,7 @@ class LlamaCpp:
 
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, threads: int | None = None):
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise ConfigError(f"the llama.cpp runtime needs llama-cpp-python: {INSTALL_HINT}") from None
         self.path = Path(path)
@@ -64,12 +64,17 @@ class LlamaCpp:
             raise CorruptModelError(f"not a GGUF file: {path}")
         self.threads = threads or default_threads()
         self.n_ctx = n_ctx
+        self.llm = self._open(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=True)
+
+    def _open(self, **options):
+        """A llama_cpp.Llama on this file (one per context), or CorruptModelError in one line."""
+        from llama_cpp import Llama
+
         try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
-                             n_threads=self.threads, n_threads_batch=self.threads, logits_all=True,
-                             verbose=False, seed=0)
+            return Llama(model_path=str(self.path), n_threads=self.threads, n_threads_batch=self.threads,
+                         verbose=False, seed=0, **options)
         except (ValueError, RuntimeError) as e:
-            raise CorruptModelError(f"llama.cpp cannot load {path}: {str(e).splitlines()[0]}") from None
+            raise CorruptModelError(f"llama.cpp cannot load {self.path}: {str(e).splitlines()[0]}") from None
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -157,12 +162,7 @@ class LlamaCpp:
 
         rng = np.random.default_rng(seed)
         ids = rng.integers(0, self.n_vocab, prompt_len).tolist()
-        try:
-            llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=prompt_len + new_tokens + 8,
-                                  n_batch=max(prompt_len, 8), n_threads=self.threads,
-                                  n_threads_batch=self.threads, verbose=False, seed=0)
-        except (ValueError, RuntimeError) as e:
-            raise CorruptModelError(f"llama.cpp cannot load {self.path}: {str(e).splitlines()[0]}") from None
+        llm = self._open(n_ctx=prompt_len + new_tokens + 8, n_batch=max(prompt_len, 8))
 
         def last_token() -> int:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(self.n_vocab,))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +100,14 @@ class ExportPlan:
         return f"{self.arch} ({shape}), {self.qtype}, pre-tokenizer {self.pre}"
 
 
+def check_options(qtype: str, ffn_multiple: int = FFN_MULTIPLE) -> None:
+    """The export's own options, checked before any model is loaded."""
+    if qtype not in GGUF_TYPES:
+        raise ConfigError(f"unsupported GGUF type '{qtype}': choose one of {', '.join(GGUF_TYPES)}")
+    if not isinstance(ffn_multiple, int) or ffn_multiple < 1:
+        raise ConfigError(f"--ffn-multiple must be a positive integer, got {ffn_multiple}")
+
+
 def _layer_sizes(lm: LoadedModel) -> list[dict[str, int]]:
     return [lm.adapter.layer_sizes(layer) for layer in lm.adapter.layers()]
 
@@ -115,10 +122,7 @@ def plan_export(lm: LoadedModel, qtype: str = "f16", *, source_metadata: dict | 
     """Choose the llama.cpp architecture, pre-tokenizer and types for ``lm``; raise
     ``ConfigError`` / ``UnsupportedArchitectureError`` for what llama.cpp cannot run.
     ``ffn_multiple``: FFN widths are padded with zero channels up to a multiple of it."""
-    if qtype not in GGUF_TYPES:
-        raise ConfigError(f"unsupported GGUF type '{qtype}': choose one of {', '.join(GGUF_TYPES)}")
-    if not isinstance(ffn_multiple, int) or ffn_multiple < 1:
-        raise ConfigError(f"the FFN width multiple must be a positive integer, got {ffn_multiple}")
+    check_options(qtype, ffn_multiple)
     adapter, config = lm.adapter, lm.config
     if adapter.gguf_arch is None:
         raise UnsupportedArchitectureError(f"{config.model_type} has no llama.cpp architecture in "
@@ -422,9 +426,7 @@ def export_gguf(lm: LoadedModel, out: str | Path, *, plan: ExportPlan, overwrite
                 writer.write_tensor_data(_encode(t.detach().to("cpu", torch.float32).numpy(), types[gname]))
         writer.close()
 
-    path = write_path_atomically(out, overwrite, write, expected_bytes=gguf_bytes(lm, plan))
-    os.chmod(path, 0o644)
-    return path
+    return write_path_atomically(out, overwrite, write, expected_bytes=gguf_bytes(lm, plan))
 
 
 # -- ollama -------------------------------------------------------------------

@@ -261,13 +261,7 @@ def drop_gguf_names(config) -> None:
 def gguf_metadata(path: Path) -> dict:
     """{"license", "base_model"} from a GGUF file's general.* metadata where present; base_model
     only when the file names a Hugging Face repository."""
-    try:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(str(path)).fields
-        value = {k: fields[k].contents() for k in fields if k.startswith("general.")}
-    except Exception:  # an unreadable file fails later, with a clear error, in the dequantization
-        return {}
+    value = gguf_kv(path)  # {} for an unreadable file: it fails later, with a clear error
     url = value.get("general.base_model.0.repo_url") or value.get("general.source.repo_url") or ""
     prefix = "https://huggingface.co/"
     base = url[len(prefix):].strip("/") if isinstance(url, str) and url.startswith(prefix) else None

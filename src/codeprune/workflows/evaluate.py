@@ -107,13 +107,9 @@ def _perplexities(lm: LoadedModel, corpora, *, seq_len: int, windows: int, dev, 
                   ppl_tokenizer: str | None) -> dict[str, PerplexityScore]:
     """Held-out perplexity per source; with ``ppl_tokenizer``, windows cut by that tokenizer
     and scored per its tokens."""
-    remap, window_tok, note = None, lm.tokenizer, ""
-    if ppl_tokenizer is not None:
-        if offload:
-            raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
-        window_tok = load_tokenizer(ppl_tokenizer)
-        remap = make_remap(window_tok, lm.tokenizer, id_map(window_tok, lm.tokenizer))
-        note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
+    if ppl_tokenizer is not None and offload:
+        raise ConfigError("--ppl-tokenizer scores on one device: drop --offload")
+    window_tok, remap, note = _window_tokenizer(lm.tokenizer, ppl_tokenizer)
     results = {}
     for corpus, lang in corpora:
         held = heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows)
@@ -124,6 +120,17 @@ def _perplexities(lm: LoadedModel, corpora, *, seq_len: int, windows: int, dev, 
         key = display_name(corpus.spec)  # no absolute local path in the report
         results[key] = PerplexityScore(**scores, language=lang, protocol=protocol(held, key) + note)
     return results
+
+
+def _window_tokenizer(tokenizer, ppl_tokenizer: str | None):
+    """(tokenizer that cuts the windows, remap to ``tokenizer`` or None, protocol note): with
+    ``ppl_tokenizer`` the windows are the original model's, rewritten for a pruned vocabulary."""
+    if ppl_tokenizer is None:
+        return tokenizer, None, ""
+    window_tok = load_tokenizer(ppl_tokenizer)
+    remap = make_remap(window_tok, tokenizer, id_map(window_tok, tokenizer))
+    note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
+    return window_tok, remap, note
 
 
 def _humaneval(he: HumanEvalConfig, lm: LoadedModel | None, model) -> tuple[HumanEval, list[dict]]:
@@ -172,12 +179,7 @@ def _llama_cpp(report: EvalReport, plan: _Plan, path: Path, *, seq_len: int, win
 
     from codeprune.evaluation.llamacpp import LlamaCpp, version
 
-    tokenizer = gguf_tokenizer(path)
-    window_tok, remap, note = tokenizer, None, ""
-    if ppl_tokenizer is not None:
-        window_tok = load_tokenizer(ppl_tokenizer)
-        remap = make_remap(window_tok, tokenizer, id_map(window_tok, tokenizer))
-        note = f"; windows cut by the tokenizer of {display_name(ppl_tokenizer)}, ppl per its tokens"
+    window_tok, remap, note = _window_tokenizer(gguf_tokenizer(path), ppl_tokenizer)
     report.runtime = "llama.cpp"
     helds = [(corpus, lang, heldout_windows(window_tok, corpus, seq_len=seq_len, max_windows=windows))
              for corpus, lang in plan.corpora]

@@ -19,8 +19,8 @@ from pathlib import Path
 from codeprune.errors import ConfigError
 from codeprune.models.gguf_export import (
     FFN_MULTIPLE,
-    GGUF_TYPES,
     ExportPlan,
+    check_options,
     export_gguf,
     modelfile_text,
     plan_export,
@@ -53,11 +53,6 @@ def modelfile_path(gguf: str | Path) -> Path:
     """``runs/q-flap-20.gguf`` -> ``runs/q-flap-20.Modelfile``."""
     gguf = Path(gguf)
     return gguf.with_name(gguf.name.removesuffix(".gguf") + ".Modelfile")
-
-
-def check_type(gguf_type: str) -> None:
-    if gguf_type not in GGUF_TYPES:
-        raise ConfigError(f"unsupported GGUF type '{gguf_type}': choose one of {', '.join(GGUF_TYPES)}")
 
 
 def check_gguf_outputs(gguf: str | Path, overwrite: bool, *reads, modelfile: bool = True) -> None:
@@ -115,9 +110,7 @@ def export(model: str | LoadedModel, gguf: str | Path, *, gguf_type: str = "f16"
     Modelfile beside it. FFN widths are padded with zero channels to a multiple of
     ``ffn_multiple`` (1: as they are). Unsupported shapes, tokenizers or types are refused
     before any write."""
-    check_type(gguf_type)
-    if not isinstance(ffn_multiple, int) or ffn_multiple < 1:
-        raise ConfigError(f"--ffn-multiple must be a positive integer, got {ffn_multiple}")
+    check_options(gguf_type, ffn_multiple)
     check_gguf_outputs(gguf, overwrite, model, modelfile=modelfile)
     lm = model if isinstance(model, LoadedModel) else load(model)
     return export_loaded(lm, gguf, gguf_type=gguf_type, overwrite=overwrite, modelfile=modelfile,

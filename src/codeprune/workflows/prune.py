@@ -31,6 +31,7 @@ from codeprune.methods import METHODS, is_structured, option_default
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters
 from codeprune.models.dtypes import parse_dtype
+from codeprune.models.gguf_export import check_options
 from codeprune.models.loading import LoadedModel
 from codeprune.recipes.runner import RecipeState, check_reach, run_recipe
 from codeprune.recipes.spec import (
@@ -48,7 +49,7 @@ from codeprune.reporting.provenance import display_name
 from codeprune.reporting.schema import PruneReport
 from codeprune.reporting.writer import writes_report
 from codeprune.workflows.common import as_loaded, check_out, prune_header, releasing_outputs, weights_bytes
-from codeprune.workflows.export import check_gguf_outputs, check_type, export_loaded, preflight
+from codeprune.workflows.export import check_gguf_outputs, export_loaded, preflight
 
 # the fields of a single method's stage record that are the report's own (see the README)
 STAGE_BOOKKEEPING = ("stage", "method", "options", "budget_params", "params_before", "params_after",
@@ -152,7 +153,7 @@ def _check_gguf(gguf: str | None, out, overwrite: bool, *reads) -> Path | None:
         return None
     if out is None:
         raise ConfigError("--gguf exports the saved result: give --out too")
-    check_type(gguf)
+    check_options(gguf)
     path = Path(f"{Path(out)}.{gguf}.gguf")
     check_gguf_outputs(path, overwrite, *reads)
     return path
