@@ -106,3 +106,17 @@ def option_names(cls: type) -> set[str]:
     """The field names of ``cls``: the keys a recipe stage or an API call may give it."""
     return {f.name for f in dataclasses.fields(cls)}
 
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def count(text: str) -> int:
+    """A count as people write it: ``200000``, ``200_000``, ``200k``, ``1.5M`` (ValueError
+    otherwise)."""
+    t = str(text).strip().lower().replace("_", "")
+    scale = _SUFFIXES.get(t[-1:], 1)
+    value = float(t[:-1] if scale > 1 else t)
+    if value != value or value in (float("inf"), float("-inf")) or value * scale != int(value * scale):
+        raise ValueError(f"not a whole count: {text!r}")
+    return int(value * scale)

@@ -185,7 +185,8 @@ def cmd_recover(args) -> int:
     from codeprune.api import recover
     from codeprune.reporting.markdown import render
 
-    res = recover(args.model, args.data, out=args.out, device=args.device, dtype=args.dtype,
+    res = recover(args.model, args.data, out=args.out, teacher=args.teacher, device=args.device,
+                  dtype=args.dtype,
                   eval_ppl=None if args.eval_data == "none" else args.eval_data,
                   eval_windows=args.eval_windows, ppl_seq_len=args.eval_seq_len,
                   keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite,
@@ -203,13 +204,20 @@ def cmd_instructions(args) -> int:
     from codeprune.api import instructions
 
     _, summary = instructions(args.source, out=args.out, eval_fraction=args.eval_fraction,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, style=args.style, with_tests=args.with_tests,
+                              workers=args.workers)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{summary['pairs']} pairs ({summary['train']} train, {summary['eval']} eval) from "
-          f"{summary['files']} files; {summary['test_files_skipped']} test files skipped, "
-          f"{summary['duplicates']} duplicates dropped -> {summary['out']}")
+    tests = ""
+    if args.with_tests:
+        tests = (f"; {summary['tests_found']} functions with doctests, "
+                 f"{summary['tests_fail_with_reference']} failing with their own function and "
+                 f"{summary['tests_pass_without_function']} passing "
+                 "without it dropped")
+    print(f"{summary['pairs']} {summary['style']} pairs ({summary['train']} train, {summary['eval']} eval) "
+          f"from {summary['files']} files; {summary['test_files_skipped']} test files skipped, "
+          f"{summary['duplicates']} duplicates dropped{tests} -> {summary['out']}")
     return 0
 
 

@@ -157,7 +157,11 @@ def build_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the pruned checkpoint (folder), alias or hub id")
     p.add_argument("--data", required=True,
                    help="instruction data: FILE.jsonl (instruction/input/output or messages) or "
-                        "hf:NAME[:CONFIG]:SPLIT")
+                        "hf:NAME[:CONFIG]:SPLIT; or code: python-stdlib, code-ppl, LANG:DIR, FILE.txt "
+                        "(see --data-kind, --tokens)")
+    p.add_argument("--teacher", default=None,
+                   help="with --kd: the model to distill from (alias, folder or hub id; usually the model "
+                        "before pruning)")
     p.add_argument("--out", required=True, help="output folder (merged checkpoint, adapter/, report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--eval-data", default="python-stdlib",
@@ -169,7 +173,7 @@ def build_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     add_save_dtype(p)
     add_json(p)
-    add_config_options(p, {"recover": RecoverConfig}, title=lambda _: "LoRA and training")
+    add_config_options(p, {"recover": RecoverConfig}, title=lambda _: "LoRA, distillation and training")
 
 
 def build_instructions(p: argparse.ArgumentParser) -> None:
@@ -177,6 +181,13 @@ def build_instructions(p: argparse.ArgumentParser) -> None:
                    help="python, java, javascript or cpp:DIR, or python-stdlib; e.g. python:src/")
     p.add_argument("--out", required=True, help="output .jsonl (instruction/input/output/source/split)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of files held out (by hash)")
+    p.add_argument("--style", choices=("alpaca", "completion"), default="alpaca",
+                   help="alpaca: docstring -> body (default); completion: HumanEval-shaped chat pairs, "
+                        "prompted as `eval --humaneval --prompt-format instruct` prompts (Python)")
+    p.add_argument("--with-tests", action="store_true",
+                   help="keep the functions whose docstrings hold doctests (>>>), with those as the pair's "
+                        "test, each checked in the sandbox (Python)")
+    p.add_argument("--workers", type=int, default=None, help="doctests run at once (default: min(4, cores))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_json(p, "the summary")
 
@@ -233,13 +244,18 @@ COMMANDS: dict[str, Command] = {
         "codeprune report runs/*",
         "codeprune report runs/wanda50 runs/flap20 --out runs/report --json",
     ), build_report),
-    "recover": Command("LoRA recovery on instruction data, merged into a plain checkpoint", (
+    "recover": Command("recovery (LoRA or full; cross-entropy or distillation) into a plain checkpoint", (
         "codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec",
-        "codeprune recover --model runs/t20 --data data/instr.jsonl --epochs 1 --lora-r 16 --out runs/r16",
+        "codeprune recover --model runs/f20 --teacher qwen2.5-coder-0.5b --kd --data code-ppl --tokens 200k "
+        "--out runs/f20-kd",
+        "codeprune recover --model runs/w50 --teacher smollm2-135m --kd --full --data python-stdlib "
+        "--out runs/w50-kd",
         "accelerate launch -m codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-ddp",
     ), build_recover),
     "instructions": Command("instruction pairs (docstring/comment -> body) from a codebase", (
         "codeprune instructions --from python:src/ --out data/instr.jsonl",
+        "codeprune instructions --from python-stdlib --style completion --with-tests "
+        "--out data/doctests.jsonl",
         "codeprune instructions --from python-stdlib --out data/stdlib.jsonl --json",
     ), build_instructions),
     "distill-data": Command("Flab-Pruner's data strategy: the examples the pruned model gets wrong, with "

@@ -187,21 +187,23 @@ def check_window_sizes(samples: int, seq_len: int) -> None:
 
 
 def calibration_windows(tokenizer, corpus: Corpus, *, samples: int, seq_len: int, seed: int = 0,
-                        heldout_fraction: float = HELDOUT_FRACTION) -> TokenWindows:
+                        heldout_fraction: float = HELDOUT_FRACTION,
+                        per_doc: int | None = None) -> TokenWindows:
     """``samples`` windows of ``seq_len`` tokens from the calibration split.
 
     The seed shuffles the calibration documents and picks, in each, a slice of
-    at most ``seq_len`` tokens; the slices are concatenated (EOS between
-    documents) and cut into consecutive windows."""
+    at most ``per_doc`` (default ``seq_len``) tokens; the slices are concatenated
+    (EOS between documents) and cut into consecutive windows. Recovery on code
+    (workflows/recover.py) draws its training windows here, with a larger ``per_doc``."""
     check_window_sizes(samples, seq_len)
     docs, _ = split_documents(corpus, heldout_fraction)
     docs = sorted(docs, key=lambda d: d.id)
     rng = random.Random(seed)
     rng.shuffle(docs)
-    need = samples * seq_len
-    stream = _token_stream(tokenizer, docs, need, seq_len, rng)
+    need, per_doc = samples * seq_len, per_doc or seq_len
+    stream = _token_stream(tokenizer, docs, need, per_doc, rng)
     if len(stream.ids) < need:
-        raise CorpusError(f"{_shortfall(corpus, 'calibration', docs, stream, seq_len)} -- need "
+        raise CorpusError(f"{_shortfall(corpus, 'calibration', docs, stream, per_doc)} -- need "
                           f"samples x seq_len = {samples} x {seq_len} = {need:,}: lower --samples or "
                           "--seq-len, or give a larger corpus")
     windows = torch.tensor(stream.ids[:need], dtype=torch.long).view(samples, seq_len)

@@ -23,11 +23,34 @@ the file path), so no file feeds both the training and the evaluation split.
 Python is parsed with the standard ``ast``; Java, JavaScript and C++ with
 tree-sitter's grammars (``pip install 'codeprune[parsers]'``; a regex over
 braces would not be reliable).
+
+Styles (``style``, ``codeprune instructions --style``):
+
+``alpaca``      (default) the pairs above: docstring -> body.
+``completion``  (Python) HumanEval-shaped chat pairs: the user turn asks for the
+                function whose signature and docstring it shows, with exactly the
+                words ``eval --humaneval --prompt-format instruct`` uses
+                (data/prompts.py ``humaneval_messages``), and the answer is the
+                whole function in a ```python block. Rendered with the model's chat
+                template, the prompt followed by the answer's opening fence is the
+                evaluation prompt, so recovery trains the format it is evaluated in.
+
+Tests (``with_tests``, ``--with-tests``, Python): only module-level functions
+whose docstring holds doctest examples (``>>>``) that call the function are
+kept, and each pair carries them as its test: ``test`` (a program that runs the
+examples with doctest against whatever the answer defined, exiting non-zero on
+a failure), ``prompt_code`` (the context put before the answer: the module's
+namespace when the interpreter can import it, else its top-level imports),
+``problem`` (signature + docstring: a bare body answer continues it) and
+``function``. ``codeprune instructions`` then runs every test in the sandbox
+and keeps the pairs whose test passes with the reference function and fails
+with a stub, so ``distill-data`` can judge answers by real tests.
 """
 
 from __future__ import annotations
 
 import ast
+import doctest
 import hashlib
 import json
 import re
@@ -36,11 +59,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from codeprune.data.calibration import unit_hash
+from codeprune.data.prompts import RESPONSE_PREFIX, humaneval_messages
 from codeprune.data.sources import is_stdlib_test, load_hf_dataset, read_source
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.outputs import check_output, write_file_atomically
 
 ROLES = ("system", "user", "assistant")
+STYLES = ("alpaca", "completion")
 EVAL_FRACTION = 0.05
 MIN_DOCSTRING_CHARS = 12
 MIN_BODY_LINES = 1
@@ -175,14 +200,17 @@ def is_test_file(rel: str) -> bool:
     return any(p in TEST_DIRS for p in parts[:-1]) or bool(TEST_NAME.match(parts[-1]))
 
 
-def python_pairs(source: str, file_id: str) -> list[dict]:
-    """Alpaca records (instruction = docstring, input = signature, output = body) of every
-    documented function and method in ``source``; [] when it does not parse."""
+def python_pairs(source: str, file_id: str, *, style: str = "alpaca", with_tests: bool = False,
+                 module: str | None = None) -> list[dict]:
+    """The records of every documented function and method in ``source`` (see the module
+    docstring for ``style`` and ``with_tests``; ``module`` is the dotted name the file is
+    imported as, for the tests' context); [] when it does not parse."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
     lines = source.splitlines()
+    top_level = {id(n) for n in tree.body}
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -193,15 +221,123 @@ def python_pairs(source: str, file_id: str) -> list[dict]:
             continue
         if len(body) == 1 and _is_stub(body[0]):
             continue
+        test = None
+        if with_tests:
+            examples = doctest_examples(doc, node.name) if id(node) in top_level else None
+            if not examples:
+                continue
+            test = doctest_program(examples, node.name)
         signature = "\n".join(lines[node.lineno - 1:node.body[0].lineno - 1]).rstrip()
         signature = _signature(signature)
         text = "\n".join(lines[body[0].lineno - 1:node.end_lineno])
         code = textwrap.indent(textwrap.dedent(text), "    ").rstrip() + "\n"
         if len(code.strip().splitlines()) < MIN_BODY_LINES:
             continue
-        out.append({"instruction": doc, "input": textwrap.dedent(signature), "output": code,
-                    "source": f"{file_id}:{node.lineno}"})
+        problem = _dedent_block(lines[node.lineno - 1:node.body[0].end_lineno])
+        if style == "completion":
+            function = _dedent_block(lines[node.lineno - 1:node.end_lineno])
+            rec = {"messages": humaneval_messages(problem)
+                   + [{"role": "assistant", "content": f"{RESPONSE_PREFIX}{function}```"}]}
+        else:
+            rec = {"instruction": doc, "input": textwrap.dedent(signature), "output": code}
+        rec["source"] = f"{file_id}:{node.lineno}"
+        if test is not None:
+            rec |= {"test": test, "prompt_code": module_context(tree, module), "problem": problem,
+                    "function": node.name}
+        out.append(rec)
     return out
+
+
+def _dedent_block(lines: list[str]) -> str:
+    return textwrap.dedent("\n".join(lines)).rstrip() + "\n"
+
+
+def doctest_examples(doc: str, name: str) -> str | None:
+    """The doctest examples of a docstring, as doctest source text (``>>>`` lines, their
+    continuations and the expected output), when at least one of them calls ``name``;
+    None otherwise (no examples, examples that never call the function, or a docstring
+    doctest cannot parse)."""
+    try:
+        examples = doctest.DocTestParser().get_examples(doc, name)
+    except ValueError:
+        return None
+    calls = re.compile(rf"(?<![\w.]){re.escape(name)}\s*\(")
+    if not examples or not any(calls.search(ex.source) for ex in examples):
+        return None
+    parts = []
+    for ex in examples:
+        src = ex.source.rstrip("\n").split("\n")
+        parts.append("\n".join([">>> " + src[0]] + ["... " + line for line in src[1:]]))
+        if ex.want:
+            parts.append(ex.want.rstrip("\n"))
+    return "\n".join(parts) + "\n"
+
+
+def doctest_program(examples: str, name: str) -> str:
+    """The test of a pair: runs ``examples`` with doctest against the names the program
+    defined before it (the context, then the answer); raises AssertionError when an example
+    fails (the sandbox counts a program that ends cleanly as passed)."""
+    return (f"import doctest as _doctest, sys as _sys\n"
+            f"_test = _doctest.DocTestParser().get_doctest({examples!r}, dict(globals()), {name!r}, "
+            f"None, 0)\n"
+            f"_runner = _doctest.DocTestRunner(\n"
+            f"    optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE)\n"
+            f"_runner.run(_test, out=_sys.stderr.write)\n"
+            f"assert not _runner.failures, f'{{_runner.failures}} of {{_runner.tries}} examples failed'\n")
+
+
+def module_context(tree: ast.Module, module: str | None) -> str:
+    """What a pair's test puts before the answer: the module's namespace when the
+    interpreter can import ``module`` (its helpers and constants), and its top-level
+    absolute imports, each one skipped when it cannot be imported."""
+    out = []
+    if module:
+        out.append(f"import importlib as _il\ntry:\n    globals().update({{k: v for k, v in "
+                   f"vars(_il.import_module({module!r})).items() if not k.startswith('__')}})\n"
+                   f"except Exception:\n    pass\n")
+    for node in tree.body:
+        if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and not node.level
+                                            and node.module != "__future__"):
+            out.append(f"try:\n    {ast.unparse(node)}\nexcept Exception:\n    pass\n")
+    return "".join(out)
+
+
+def answer_code(text: str) -> str:
+    """The code of an answer: its first fenced block, else the whole text."""
+    m = re.search(r"```[\w+-]*\n(.*?)(```|$)", text, flags=re.S)
+    return m.group(1) if m else text
+
+
+def defines(code: str, name: str) -> bool:
+    return bool(re.search(rf"^\s*(async\s+)?def\s+{re.escape(name)}\s*\(", code, flags=re.M))
+
+
+def test_program(row: dict, answer: str) -> str:
+    """The program that checks ``answer`` against a row's test: ``prompt_code``, the answer's
+    code (a bare body continues the row's ``problem``, as ``eval --humaneval`` continues a
+    prompt), the ``test``, and ``check(entry_point)`` when the row names one (HumanEval's
+    layout)."""
+    code = answer_code(answer)
+    name, problem = row.get("function"), row.get("problem")
+    if name and problem and not defines(code, name):
+        code = problem + code
+    entry = row.get("entry_point")
+    return ((row.get("prompt_code") or "") + code + "\n\n" + row["test"] + "\n\n"
+            + (f"check({entry})\n" if entry else ""))
+
+
+def reference_answer(row: dict) -> str:
+    """The answer a record trains: the last message of a chat record, else its output."""
+    return row["messages"][-1]["content"] if "messages" in row else row["output"]
+
+
+def module_name(rel: str) -> str | None:
+    """The dotted module name of a file path relative to an import root (``json/decoder.py``
+    -> ``json.decoder``); None when a part is not an identifier."""
+    parts = list(Path(rel).with_suffix("").parts)
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts) if parts and all(p.isidentifier() for p in parts) else None
 
 
 def _is_stub(stmt: ast.stmt) -> bool:
@@ -305,18 +441,24 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
-                       exclude=None) -> tuple[list[dict], dict]:
+def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION, exclude=None,
+                       style: str = "alpaca", with_tests: bool = False) -> tuple[list[dict], dict]:
     """Instruction pairs from a codebase ``LANG:DIR`` (see the module docstring).
 
-    Returns (records, summary): records carry instruction/input/output, "source"
-    (file:line) and "split" (by file). ``exclude(relative path) -> bool`` skips more
-    files (``python-stdlib`` is the interpreter's standard library without its tests
-    and site-packages)."""
+    Returns (records, summary): records carry instruction/input/output (``alpaca``) or
+    messages (``completion``), "source" (file:line), "split" (by file) and, with
+    ``with_tests``, test/prompt_code/problem/function. ``exclude(relative path) -> bool``
+    skips more files (``python-stdlib`` is the interpreter's standard library without its
+    tests and site-packages)."""
     lang = spec.split(":", 1)[0] if ":" in spec else spec
     if lang not in ("python", "python-stdlib", *BRACE_LANGUAGES):
         raise ConfigError(f"instructions --from takes python:DIR, {':DIR, '.join(BRACE_LANGUAGES)}:DIR "
                           f"(got '{spec}'): the languages with a parser codeprune trusts")
+    if style not in STYLES:
+        raise ConfigError(f"unknown instruction style '{style}': use {' or '.join(STYLES)}")
+    if lang in BRACE_LANGUAGES and (style == "completion" or with_tests):
+        raise ConfigError(f"--style completion and --with-tests are for Python (HumanEval's format and "
+                          f"doctests), not {lang}")
     parser = _parser(lang) if lang in BRACE_LANGUAGES else None
     if not 0 <= eval_fraction < 1:
         raise ConfigError(f"eval fraction must be in [0, 1), got {eval_fraction}")
@@ -332,16 +474,18 @@ def build_instructions(spec: str, *, eval_fraction: float = EVAL_FRACTION,
             continue
         summary["files"] += 1
         split = "eval" if unit_hash(doc.id) < eval_fraction else "train"
-        pairs = brace_pairs(lang, doc.text, doc.id, parser) if parser else python_pairs(doc.text, doc.id)
+        pairs = brace_pairs(lang, doc.text, doc.id, parser) if parser else \
+            python_pairs(doc.text, doc.id, style=style, with_tests=with_tests, module=module_name(doc.id))
         for rec in pairs:
-            key = (_norm(rec["instruction"]), _norm(rec["output"]))
+            key = _norm(json.dumps(rec.get("messages") or [rec["instruction"], rec["output"]]))
             if key in seen:
                 summary["duplicates"] += 1
                 continue
             seen.add(key)
             records.append({**rec, "split": split})
     if not records:
-        raise CorpusError(f"{spec}: no documented function found outside test files")
+        what = "function with doctest examples" if with_tests else "documented function"
+        raise CorpusError(f"{spec}: no {what} found outside test files")
     if eval_fraction > 0 and not any(r["split"] == "eval" for r in records):
         first = min({r["source"].rsplit(":", 1)[0] for r in records}, key=unit_hash)
         for r in records:  # at least one file held out, still whole files

@@ -15,9 +15,20 @@ from __future__ import annotations
 
 import torch
 
-from codeprune.data.instructions import Example
-
 IGNORE = -100  # the label of tokens outside the answers (the loss skips them)
+
+# The instruct format of HumanEval (``codeprune eval --humaneval --prompt-format instruct``) and of
+# completion-style instruction pairs (``codeprune instructions --style completion``): one source,
+# so recovery trains exactly the format the model is evaluated in.
+RESPONSE_PREFIX = "```python\n"  # instruct answers start with it (part of the evaluation prompt)
+INSTRUCT_STOP = ("\n```",)  # the fence that closes the answer's code
+INSTRUCTION = ("Complete the following Python function. Answer with the whole function "
+               "in one ```python code block.\n\n```python\n{prompt}```")
+
+
+def humaneval_messages(problem: str) -> list[dict]:
+    """The user turn that asks for ``problem`` (signature + docstring) to be completed."""
+    return [{"role": "user", "content": INSTRUCTION.format(prompt=problem)}]
 
 
 def prompt_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -90,7 +101,8 @@ class Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def encode_all(tokenizer, examples: list[Example], seq_len: int) -> tuple[list[dict], int]:
+def encode_all(tokenizer, examples: list, seq_len: int) -> tuple[list[dict], int]:
+    """Encode instruction examples (``data.instructions.Example``: ``.messages``); (encoded, dropped)."""
     out, dropped = [], 0
     for ex in examples:
         enc = encode(tokenizer, ex.messages, seq_len)

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from codeprune.data.prompts import INSTRUCT_STOP, RESPONSE_PREFIX, humaneval_messages
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.evaluation.passk import mean_pass_at_k
 from codeprune.evaluation.perplexity import check_finite
@@ -44,11 +45,7 @@ from codeprune.evaluation.sandbox import STATUSES, SandboxLimits, check_sandbox,
 from codeprune.options import opt
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-RESPONSE_PREFIX = "```python\n"  # instruct answers start with it (part of the prompt)
-INSTRUCT_STOP = ("\n```",)  # the fence that closes the answer's code
 PROMPT_FORMATS = ("base", "instruct")
-INSTRUCTION = ("Complete the following Python function. Answer with the whole function "
-               "in one ```python code block.\n\n```python\n{prompt}```")
 
 
 @dataclass
@@ -259,8 +256,8 @@ def build_prompt(problem: dict, prompt_format: str, tokenizer) -> str:
     if prompt_format == "instruct":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("--prompt-format instruct needs a tokenizer with a chat template")
-        messages = [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
-        chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        chat = tokenizer.apply_chat_template(humaneval_messages(problem["prompt"]), tokenize=False,
+                                             add_generation_prompt=True)
         return chat + RESPONSE_PREFIX  # the answer starts inside a code block
     raise ConfigError(f"unknown prompt format '{prompt_format}': use one of {', '.join(PROMPT_FORMATS)}")
 

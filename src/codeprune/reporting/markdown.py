@@ -241,13 +241,23 @@ def _sandbox_files(box: dict) -> str:
 
 
 def _recover(r: RecoverReport) -> str:
-    d, lora = r.data, r.lora
+    d, lora, kd, t = r.data, r.lora, r.kd, r.training
     rows = [
-        ("model", r.model), ("data", d.spec), ("examples train / eval", f"{d.train} / {d.eval}"),
+        ("model", r.model), ("data", f"{d.spec} ({d.kind})"),
+        ("examples train / eval", f"{d.train} / {d.eval}"),
         ("chat template", d.chat_template),
-        ("LoRA r / alpha / dropout", f"{lora.r} / {lora.alpha} / {lora.dropout}"),
-        ("trainable parameters", lora.trainable_params),
-        ("steps", r.steps), ("samples seen", r.samples_seen), ("seconds", r.seconds),
+        ("trained", "every weight (full fine-tuning)" if lora is None else
+         f"LoRA r {lora.r} / alpha {lora.alpha} / dropout {lora.dropout}"),
+        ("trainable parameters", t.trainable_params if lora is None else lora.trainable_params),
+    ]
+    if kd is not None:
+        rows += [("teacher", kd.teacher),
+                 ("KD temperature / alpha (CE weight)", f"{kd.temperature} / {kd.alpha}"),
+                 ("teacher distribution", "restricted to the student's "
+                  f"{kd.restricted_vocab} tokens" if kd.restricted_vocab else "full vocabulary")]
+    rows += [
+        ("steps", r.steps), ("samples seen", r.samples_seen), ("tokens seen", r.tokens_seen),
+        ("seconds", r.seconds), ("tokens / s", r.tokens_per_second),
         ("eval loss before", r.eval_loss_before), ("eval loss after", r.eval_loss_after),
         ("perplexity before", r.ppl_before), ("perplexity after", r.ppl_after),
         ("sparsity before", r.sparsity_before), ("sparsity after", r.sparsity_after),
@@ -257,7 +267,10 @@ def _recover(r: RecoverReport) -> str:
     lines = [f"# codeprune recover: {r.model}", "", *kv_table(rows)]
     if r.ppl_protocol:
         lines += ["", f"Perplexity protocol: {r.ppl_protocol}."]
-    lines += ["", "Loss is the mean cross-entropy on the response tokens; the curve is in loss.png."]
+    tokens = "every next token of the code windows" if d.kind == "code" else "the response tokens"
+    loss = (f"the distillation loss ((1 - alpha) T^2 KL(teacher || student) + alpha CE) on {tokens}"
+            if kd is not None else f"the mean cross-entropy on {tokens}")
+    lines += ["", f"Loss is {loss}; the curve is in loss.png."]
     return "\n".join(lines + _notes(r) + _provenance_line(r)) + "\n"
 
 

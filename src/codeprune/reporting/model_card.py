@@ -54,7 +54,9 @@ def front_matter(r: dict) -> dict:
     method = str(r.get("method") or "").removeprefix("recipe:")
     tags = ["pruned", "codeprune", method, source.get("model_type")]
     if r.get("kind") == "recover":
-        tags[2:3] = ["lora", "recovered"]
+        tags[2:3] = ["lora" if r.get("lora") else "full-fine-tuning", "recovered"]
+        if r.get("kd"):
+            tags.append("knowledge-distillation")
     tags += [st.get("method") for st in r.get("stages") or []]
     meta = {"base_model": source.get("base_model"), "license": source.get("license"),
             "library_name": "transformers", "pipeline_tag": "text-generation",
@@ -64,7 +66,9 @@ def front_matter(r: dict) -> dict:
 
 def _title(r: dict) -> str:
     if r.get("kind") == "recover":
-        return f"{r.get('model')}, recovered with LoRA (codeprune)"
+        how = "LoRA" if r.get("lora") else "full fine-tuning"
+        kd = " and distillation" if r.get("kd") else ""
+        return f"{r.get('model')}, recovered with {how}{kd} (codeprune)"
     method = str(r.get("method"))
     if method.startswith("recipe:"):
         return f"{r.get('model')}, pruned with the {method.removeprefix('recipe:')} recipe (codeprune)"
@@ -78,10 +82,13 @@ def _what(r: dict, source: dict) -> str:
     if base:
         origin += f" (base model [{base}](https://huggingface.co/{base}))"
     if r.get("kind") == "recover":
-        lora = r.get("lora") or {}
-        return (f"{origin} after LoRA fine-tuning (r {lora.get('r')}, alpha {lora.get('alpha')}, "
-                f"{r.get('steps')} steps on `{(r.get('data') or {}).get('spec')}`), merged into the "
-                "weights; the zeros of sparse Linears are kept.")
+        lora, kd = r.get("lora"), r.get("kd")
+        how = (f"LoRA fine-tuning (r {lora.get('r')}, alpha {lora.get('alpha')}, " if lora
+               else "full fine-tuning (")
+        goal = f"distilled from `{kd.get('teacher')}` " if kd else ""
+        merged = "merged into the weights; " if lora else ""
+        return (f"{origin} after {how}{r.get('steps')} steps on `{(r.get('data') or {}).get('spec')}`"
+                f"{', ' + goal.strip() if goal else ''}), {merged}the zeros of sparse Linears are kept.")
     pruning = r.get("pruning")
     if pruning == "recipe":
         recipe = r.get("recipe") or {}

@@ -212,6 +212,8 @@ class RecoverData(Record):
     eval: int
     dropped_no_answer_within_seq_len: int
     chat_template: bool
+    kind: str = "instructions"  # or "code": windows of a code source, loss on every token
+    train_tokens: int | None = _opt()  # tokens in the training set (one epoch)
 
 
 @dataclass(kw_only=True)
@@ -233,6 +235,19 @@ class TrainingSettings(Record):
     seq_len: int
     processes: int
     resumed_from: str | None
+    mode: str = "lora"  # or "full": every weight of the pruned model trained
+    trainable_params: int | None = _opt()
+    objective: str = "ce"  # or "kd": distillation from a teacher (RecoverReport.kd)
+
+
+@dataclass(kw_only=True)
+class KDSettings(Record):
+    teacher: str
+    temperature: float
+    alpha: float  # weight of the data's cross-entropy
+    restricted_vocab: int | None  # the student's kept tokens when its vocabulary was pruned
+    teacher_params: int
+    teacher_logits: str  # "online": computed at every step
 
 
 # -- reports --------------------------------------------------------------------------------------
@@ -334,11 +349,14 @@ class RecoverReport(Report):
 
     KIND: ClassVar[str] = "recover"
     data: RecoverData = field(metadata={"record": RecoverData, "shape": "one"})
-    lora: LoraSettings = field(metadata={"record": LoraSettings, "shape": "one"})
+    lora: LoraSettings | None = _sub(LoraSettings, omit=False)  # None: full fine-tuning
     training: TrainingSettings = field(metadata={"record": TrainingSettings, "shape": "one"})
+    kd: KDSettings | None = _sub(KDSettings)
     steps: int
     samples_seen: int
+    tokens_seen: int | None = _opt()
     seconds: float
+    tokens_per_second: float | None = _opt()
     train_loss: float | None
     loss_curve: dict  # {"train": [[step, loss]], "eval": [[step, loss]]}
     eval_loss_before: float | None

@@ -35,7 +35,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,9 @@ from pathlib import Path
 import torch
 
 from codeprune.calibration.devices import place_model, resolve_device
+from codeprune.data.instructions import answer_code, test_program, to_messages, write_jsonl
 from codeprune.data.instructions import read_rows as raw_rows
-from codeprune.data.instructions import to_messages, write_jsonl
-from codeprune.data.prompts import prompt_segments
+from codeprune.data.prompts import INSTRUCT_STOP, RESPONSE_PREFIX, prompt_segments
 from codeprune.errors import ConfigError, CorpusError
 from codeprune.evaluation.humaneval import generate_texts
 from codeprune.evaluation.sandbox import SandboxLimits, check_sandbox, run_programs
@@ -122,23 +121,11 @@ def prompt_of(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     return prompt, not prompt.endswith("### Response:\n")
 
 
-def answer_code(text: str) -> str:
-    """The code of an answer: its first fenced block, else the whole text."""
-    m = re.search(r"```[\w+-]*\n(.*?)(```|$)", text, flags=re.S)
-    return m.group(1) if m else text
-
-
 def similarity(answer: str, reference: str) -> float:
     a, b = " ".join(answer.split()), " ".join(reference.split())
     if not a and not b:
         return 1.0
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-
-
-def test_program(row: dict, answer: str) -> str:
-    entry = row.get("entry_point")
-    return ((row.get("prompt_code") or "") + answer_code(answer) + "\n\n" + row["test"] + "\n\n"
-            + (f"check({entry})\n" if entry else ""))
 
 
 def judge(rows: list[DistillRow], answers: list[str], cfg: DistillConfig) -> list[tuple[bool, str, float]]:
@@ -160,11 +147,24 @@ def judge(rows: list[DistillRow], answers: list[str], cfg: DistillConfig) -> lis
 
 
 def answer_all(lm, rows: list[DistillRow], cfg: DistillConfig, desc: str) -> list[str]:
+    """Greedy answers. A chat row whose reference opens with RESPONSE_PREFIX (completion-style
+    pairs) is answered as ``eval --humaneval --prompt-format instruct`` answers: the prompt
+    ends with the opening fence and the answer stops at the closing one."""
     prompts, templated = zip(*(prompt_of(lm.tokenizer, r.messages) for r in rows), strict=True)
-    stops = () if all(templated) else PLAIN_STOPS
-    texts = generate_texts(lm, list(prompts), max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           stops=stops, desc=desc, add_special_tokens=not all(templated))
-    return [t[0] for t in texts]
+    fenced = [t and r.reference.startswith(RESPONSE_PREFIX) for r, t in zip(rows, templated, strict=True)]
+    answers: list[str] = [""] * len(rows)
+    for group in (True, False):
+        idx = [k for k in range(len(rows)) if fenced[k] == group]
+        if not idx:
+            continue
+        chat = all(templated[k] for k in idx)
+        stops = INSTRUCT_STOP if group else () if chat else PLAIN_STOPS
+        texts = generate_texts(lm, [prompts[k] + (RESPONSE_PREFIX if group else "") for k in idx],
+                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, stops=stops,
+                               desc=desc, add_special_tokens=not chat)
+        for k, t in zip(idx, texts, strict=True):
+            answers[k] = f"{RESPONSE_PREFIX}{t[0].split('```', 1)[0].rstrip()}\n```" if group else t[0]
+    return answers
 
 
 def distill(original, pruned, data: str, cfg: DistillConfig) -> tuple[list[dict], dict]:

@@ -1,27 +1,47 @@
-"""LoRA recovery of a pruned model (``codeprune recover``), with peft and the HF Trainer.
+"""Recovery of a pruned model (``codeprune recover``): LoRA or full fine-tuning, on instruction
+data or plain code, with the data's cross-entropy or distillation from a teacher; peft and the
+HF Trainer.
 
     codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
+    codeprune recover --model runs/f20 --teacher qwen2.5-coder-0.5b --kd --data code-ppl --tokens 200k \
+        --out runs/f20-kd
     accelerate launch -m codeprune recover --model runs/t20 --data data/instr.jsonl --out runs/t20-rec
 
 Flow:
-1. Read the instruction set (data/instructions.py) and split it: pinned "split"
-   fields first, else a hash of each example's id (``eval_fraction``).
-2. Render each example with the tokenizer's chat template when it has one (else
-   a plain "### Instruction / ### Response" layout); the loss is taken on the
-   assistant tokens only (labels -100 elsewhere), truncated to ``seq_len``.
-3. LoRA (r=8, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down by default) through
-   the Trainer: ``accelerate launch`` (DDP, DeepSpeed, FSDP) works unchanged.
+1. The data (``data_kind``; auto: a .jsonl of instruction/messages rows and hf:
+   datasets are instructions, any other source is code):
+   - instructions (data/instructions.py) are split by their pinned "split" fields,
+     else by a hash of each example's id (``eval_fraction``), and rendered with the
+     tokenizer's chat template when it has one (else a plain "### Instruction /
+     ### Response" layout); the loss is taken on the assistant tokens only
+     (labels -100 elsewhere), truncated to ``seq_len``;
+   - code (any calibration source: python-stdlib, code-ppl = every language corpus
+     here in equal shares, LANG:DIR, FILE.txt/.jsonl, hf:...:FIELD) gives
+     ``tokens`` training tokens in windows of ``seq_len`` from its calibration
+     split (documents shuffled by ``seed``, at most ``4 * seq_len`` tokens from
+     each), and evaluation windows from its held-out split; the loss is taken on
+     every next token.
+2. The objective: the data's cross-entropy, or with ``kd`` and a ``teacher``
+   (usually the model before pruning) the distillation loss of workflows/kd.py:
+   KL(teacher || student) at ``kd_temperature``, mixed with the cross-entropy by
+   ``kd_alpha``; a vocabulary-pruned student learns the teacher's distribution
+   restricted to its kept tokens.
+3. What trains: LoRA (r=8, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down by
+   default), or with ``full`` every weight of the pruned model. Through the
+   Trainer: ``accelerate launch`` (DDP, DeepSpeed, FSDP) works unchanged.
    Checkpoints go to ``OUT.checkpoints/``; running the same command again after
    an interruption resumes from the last one (options must match).
-4. The adapter is saved (``trainer.save_model``, which gathers sharded weights),
-   then, on the main process only, merged into a fresh copy of the model. A
-   sparse model (any decoder Linear with >= 1% exact zeros, Wanda / SparseGPT /
-   N:M) gets its zeros back after the merge: sparsity and pattern are exactly
-   those before recovery.
+4. LoRA: the adapter is saved (``trainer.save_model``, which gathers sharded
+   weights), then, on the main process only, merged into a fresh copy of the
+   model. Full: the trained weights are saved the same way and loaded into a fresh
+   copy. A sparse model (any decoder Linear with >= 1% exact zeros, Wanda /
+   SparseGPT / N:M) keeps exactly its zeros: masked after the merge, and with
+   ``full`` its gradients are masked and its weights re-masked after every
+   optimizer step, so sparsity and pattern are those before recovery.
 5. ``OUT`` holds a plain checkpoint (with modeling_codeprune.py when the pruned
-   model needed it), the adapter (``adapter/``), report.json / report.md and
-   loss.png; held-out perplexity and evaluation loss are measured before and
-   after.
+   model needed it), the adapter (``adapter/``, LoRA only), report.json /
+   report.md and loss.png; held-out perplexity and evaluation loss are measured
+   before and after.
 """
 
 from __future__ import annotations
@@ -42,23 +62,34 @@ import torch
 
 from codeprune.calibration.devices import place_model, resolve_device
 from codeprune.data import heldout_windows, read_source
-from codeprune.data.calibration import check_window_sizes
+from codeprune.data.calibration import calibration_windows, check_window_sizes
 from codeprune.data.instructions import EVAL_FRACTION, read_instructions
 from codeprune.data.prompts import Collator, encode_all
+from codeprune.data.sources import code_corpora
 from codeprune.errors import ConfigError, CorruptModelError, OutputWriteError
 from codeprune.evaluation.perplexity import perplexity, protocol
 from codeprune.models.adapters.base import DecoderAdapter
 from codeprune.models.checkpoint import needs_modeling_file, save_checkpoint
 from codeprune.models.counting import count_parameters, decoder_sparsity
-from codeprune.options import opt
+from codeprune.options import count, opt
 from codeprune.reporting.model_card import render_model_card
 from codeprune.reporting.provenance import display_name, sanitise_source
-from codeprune.reporting.schema import LoraSettings, RecoverData, RecoverReport, Source, TrainingSettings
+from codeprune.reporting.schema import (
+    KDSettings,
+    LoraSettings,
+    RecoverData,
+    RecoverReport,
+    Source,
+    TrainingSettings,
+)
 from codeprune.reporting.writer import write_report
 from codeprune.workflows.common import check_out, load, releasing_outputs, weights_bytes
+from codeprune.workflows.kd import kd_trainer_class, vocabulary_map
 
 LORA_TARGETS = DecoderAdapter.sublayer_names  # canonical names; the adapter maps them to module names
 MASK_MIN_SPARSITY = 0.01  # a Linear with at least this share of exact zeros keeps them after the merge
+DATA_KINDS = ("auto", "instructions", "code")
+PER_DOC_WINDOWS = 4  # a code document gives at most this many windows of training tokens
 
 
 @dataclass
@@ -84,6 +115,15 @@ class RecoverConfig:
     seed: int = opt(0, "seed of the Trainer: data order and LoRA initialisation")
     keep_mask: str = opt("auto", "restore the zeros of sparse Linears after the merge (auto: those with "
                          ">= 1% zeros)", choices=("auto", "always", "never"))
+    full: bool = opt(False, "fine-tune every weight of the pruned model instead of LoRA adapters (zeros of "
+                     "sparse Linears stay zero)")
+    kd: bool = opt(False, "distill from --teacher: KL(teacher || student) on the next-token distributions")
+    kd_temperature: float = opt(1.0, "distillation temperature T (the KL term is scaled by T^2)")
+    kd_alpha: float = opt(0.0, "weight of the data's cross-entropy in the distillation loss (0: KL only)")
+    data_kind: str = opt("auto", "instructions (loss on the answers) or code (every token); auto: .jsonl "
+                         "instruction rows and hf: are instructions, other sources code", choices=DATA_KINDS)
+    tokens: int = opt(200_000, "training tokens drawn from a code source (e.g. 200k, 1M)", type=count,
+                      metavar="N")
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +138,10 @@ class RecoverConfig:
             (self.keep_mask in ("auto", "always", "never"), "keep mask: auto, always or never"),
             (bool(self.targets) and set(self.targets) <= set(LORA_TARGETS),
              f"LoRA targets must be among {', '.join(LORA_TARGETS)}"),
+            (self.kd_temperature > 0, f"kd temperature must be > 0, got {self.kd_temperature}"),
+            (0 <= self.kd_alpha <= 1, f"kd alpha must be in [0, 1], got {self.kd_alpha}"),
+            (self.data_kind in DATA_KINDS, f"data kind: {', '.join(DATA_KINDS)}"),
+            (self.tokens >= 1, f"tokens must be >= 1, got {self.tokens}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +168,8 @@ def apply_masks_(model, masks: dict[str, torch.Tensor]) -> None:
     """Zero every weight outside its mask (the model and the masks both come from loads on the CPU)."""
     modules = dict(model.named_modules())
     for name, kept in masks.items():
-        modules[name].weight.masked_fill_(~kept, 0)
+        weight = modules[name].weight
+        weight.masked_fill_(~kept.to(weight.device), 0)
 
 
 @dataclass
@@ -164,21 +209,26 @@ def _check_resume(work: Path, options: dict) -> str | None:
 
 @dataclass
 class _Inputs:
-    """The encoded instruction set and the held-out perplexity windows of one run."""
+    """The encoded training and evaluation sets and the held-out perplexity windows of one run."""
 
     spec: str
+    kind: str  # "instructions" or "code"
     examples: int
     train_set: list[dict]
     eval_set: list[dict]
     dropped: int
     held: object  # held-out windows, or None
 
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.train_set)
+
 
 @dataclass
 class _Trained:
-    """What training left: the adapter and the figures the report needs."""
+    """What training left: the trained weights (adapter or whole model) and the report's figures."""
 
-    adapter_dir: Path
+    weights_dir: Path
     trainable: int
     train_out: object  # transformers TrainOutput
     seconds: float
@@ -187,46 +237,135 @@ class _Trained:
     history: list[dict]
 
 
-def _start(model: str, data: str, out, cfg: RecoverConfig, overwrite: bool, state) -> tuple[Path, dict,
-                                                                                              str | None]:
+def data_kind(spec: str, kind: str = "auto") -> str:
+    """"instructions" or "code" for ``--data spec`` (see the module docstring)."""
+    if kind != "auto":
+        return kind
+    if spec.startswith("hf:"):
+        return "instructions"
+    path = Path(spec).expanduser()
+    if spec.endswith(".jsonl") and path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        return "instructions"  # read_instructions names the line
+                    return "instructions" if isinstance(row, dict) and (
+                        "messages" in row or "instruction" in row) else "code"
+    return "instructions" if spec.endswith(".jsonl") else "code"
+
+
+def _start(model: str, data: str, teacher: str | None, out, cfg: RecoverConfig, overwrite: bool,
+           state) -> tuple[Path, dict, str | None]:
     """(work folder, options, checkpoint to resume from): refused before minutes of loading when
     an interrupted run in the work folder had other options."""
     work = _work_dir(out)
     options = {"model": str(model), "data": data, **asdict(cfg), "targets": list(cfg.targets)}
+    if teacher is not None:
+        options["teacher"] = str(teacher)
     if overwrite and state.is_main_process:
         shutil.rmtree(work, ignore_errors=True)  # start afresh: nothing to resume
     state.wait_for_everyone()
     return work, options, _check_resume(work, options)
 
 
-def _inputs(lm, data: str, instructions, cfg: RecoverConfig, corpus, eval_windows: int,
+def _read_data(data: str, kind: str, cfg: RecoverConfig):
+    """The instruction set, or the code corpora (one per language for code-ppl), read before
+    any model is loaded: bad data fails in a second."""
+    if kind == "instructions":
+        return read_instructions(data)
+    specs = list(code_corpora().values()) if data == "code-ppl" else [data]
+    return [read_source(s) for s in specs]
+
+
+def _inputs(lm, data: str, kind: str, source, cfg: RecoverConfig, corpus, eval_windows: int,
             ppl_seq_len: int) -> _Inputs:
-    """Split and encode the instruction set; cut the held-out perplexity windows."""
-    train_ex, eval_ex = instructions.split(cfg.eval_fraction)
-    train_set, dropped_train = encode_all(lm.tokenizer, train_ex, cfg.seq_len)
-    eval_set, dropped_eval = encode_all(lm.tokenizer, eval_ex, cfg.seq_len)
-    if not train_set:
-        raise ConfigError(f"no training example keeps an answer token within seq len {cfg.seq_len}")
+    """Encode the training and evaluation sets; cut the held-out perplexity windows."""
     held = heldout_windows(lm.tokenizer, corpus, seq_len=ppl_seq_len, max_windows=eval_windows) \
         if corpus else None
-    return _Inputs(data, len(instructions.examples), train_set, eval_set, dropped_train + dropped_eval, held)
+    if kind == "instructions":
+        train_ex, eval_ex = source.split(cfg.eval_fraction)
+        train_set, dropped_train = encode_all(lm.tokenizer, train_ex, cfg.seq_len)
+        eval_set, dropped_eval = encode_all(lm.tokenizer, eval_ex, cfg.seq_len)
+        if not train_set:
+            raise ConfigError(f"no training example keeps an answer token within seq len {cfg.seq_len}")
+        return _Inputs(data, kind, len(source.examples), train_set, eval_set, dropped_train + dropped_eval,
+                       held)
+    n_train = math.ceil(cfg.tokens / cfg.seq_len)
+    n_eval = max(1, round(n_train * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+    train_set, eval_set = [], []
+    for k, c in enumerate(source):  # equal shares of every language (code-ppl)
+        share = n_train // len(source) + (k < n_train % len(source))
+        if share:
+            w = calibration_windows(lm.tokenizer, c, samples=share, seq_len=cfg.seq_len, seed=cfg.seed,
+                                    per_doc=PER_DOC_WINDOWS * cfg.seq_len)
+            train_set += [{"input_ids": r.tolist(), "labels": r.tolist()} for r in w.input_ids]
+        share = n_eval // len(source) + (k < n_eval % len(source))
+        if share:
+            w = heldout_windows(lm.tokenizer, c, seq_len=cfg.seq_len, max_windows=share)
+            eval_set += [{"input_ids": r.tolist(), "labels": r.tolist()} for r in w.input_ids]
+    return _Inputs(data, kind, len(train_set) + len(eval_set), train_set, eval_set, 0, held)
+
+
+def _masked_grad(grad: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    return grad * kept.to(grad.device, grad.dtype)
+
+
+class _KeepZeros:
+    """Full fine-tuning of a sparse model: gradients of the pruned weights are zeroed as they
+    are computed, and the weights are re-masked after every optimizer step (weight decay and
+    numerical noise included), so the zeros are exactly those before recovery."""
+
+    def __init__(self, model, masks: dict[str, torch.Tensor]):
+        self.model, self.masks = model, masks
+        modules = dict(model.named_modules())
+        self.hooks = [modules[name].weight.register_hook(partial(_masked_grad, kept=kept))
+                      for name, kept in masks.items()]
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        keep = self
+
+        class ReMask(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                apply_masks_(keep.model, keep.masks)
+
+        return ReMask()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
 
 def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resume: str | None,
-           callbacks: list | None) -> _Trained:
-    """LoRA through the HF Trainer (resumed from ``resume``); the adapter saved in ``work/adapter``."""
-    from peft import LoraConfig, get_peft_model
+           callbacks: list | None, teacher=None, kept=None, masks: dict | None = None) -> _Trained:
+    """LoRA (or every weight, ``cfg.full``) through the HF Trainer, resumed from ``resume``; with a
+    ``teacher``, the distillation loss. The trained weights are saved in ``work/adapter``
+    (LoRA) or ``work/full``."""
     from transformers import Trainer, TrainingArguments
 
     tok, train_set, eval_set = lm.tokenizer, inputs.train_set, inputs.eval_set
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * state.num_processes))
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     eval_steps = cfg.eval_steps or max(1, total // 5)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lm.adapter.lora_target_modules(cfg.targets), task_type="CAUSAL_LM",
-                      bias="none")
-    peft_model = get_peft_model(lm.model, lora)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    callbacks = list(callbacks or [])
+    keep = None
+    if cfg.full:
+        model = lm.model.train().requires_grad_(True)
+        if masks:
+            keep = _KeepZeros(model, masks)
+            callbacks.append(keep.callback())
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=lm.adapter.lora_target_modules(cfg.targets), task_type="CAUSAL_LM",
+                          bias="none")
+        model = get_peft_model(lm.model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -238,9 +377,13 @@ def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resu
         report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=dev.type == "cpu",
         remove_unused_columns=False, label_names=["labels"], disable_tqdm=False, dataloader_num_workers=0,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
-                      data_collator=Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
-                      callbacks=callbacks)
+    trainer_cls, extra = Trainer, {}
+    if teacher is not None:
+        trainer_cls = kd_trainer_class()
+        extra = dict(teacher=teacher, kept=kept, temperature=cfg.kd_temperature, alpha=cfg.kd_alpha)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                          data_collator=Collator(tok.pad_token_id if tok.pad_token_id is not None else 0),
+                          callbacks=callbacks, **extra)
     with contextlib.redirect_stdout(sys.stderr), _writing(work):  # the Trainer prints its logs to stdout
         eval_before = trainer.evaluate()["eval_loss"] if eval_set and resume is None else None
         if eval_before is not None and state.is_main_process:
@@ -249,12 +392,14 @@ def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resu
         train_out = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         eval_after = trainer.evaluate()["eval_loss"] if eval_set else None
-        adapter_dir = work / "adapter"
-        trainer.save_model(str(adapter_dir))  # gathers DeepSpeed / FSDP shards
+        weights_dir = work / ("full" if cfg.full else "adapter")
+        trainer.save_model(str(weights_dir))  # gathers DeepSpeed / FSDP shards
+    if keep is not None:
+        keep.remove()
     if resume is not None:  # the evaluation at step 0 happened in the first attempt
         before = work / "eval_before.json"
         eval_before = json.loads(before.read_text())["eval_loss"] if before.is_file() else None
-    return _Trained(adapter_dir, trainable, train_out, seconds, eval_before, eval_after,
+    return _Trained(weights_dir, trainable, train_out, seconds, eval_before, eval_after,
                     list(trainer.state.log_history))
 
 
@@ -286,75 +431,112 @@ def _config(config: RecoverConfig | None, options: dict) -> RecoverConfig:
         raise ConfigError(f"bad recover option: {e}") from None
 
 
+def _teacher(teacher: str | None, cfg: RecoverConfig, lm, dtype: str):
+    """(the teacher LoadedModel, the student -> teacher id map) of a distillation run, else
+    (None, None); ConfigError when the teacher does not share the student's vocabulary."""
+    if not cfg.kd:
+        return None, None
+    t = load(teacher, dtype=dtype)
+    student_vocab = lm.model.get_output_embeddings().weight.shape[0]
+    teacher_vocab = t.model.get_output_embeddings().weight.shape[0]
+    kept = vocabulary_map(t.tokenizer, lm.tokenizer, student_vocab, teacher_vocab)
+    return t, kept
+
+
 @releasing_outputs
 def recover(model: str, data: str, *, out: str | Path, config: RecoverConfig | None = None,
-            device: str = "auto", dtype: str = "float32", eval_ppl: str | None = "python-stdlib",
-            eval_windows: int = 16, ppl_seq_len: int = 512, keep_checkpoints: bool = False,
-            overwrite: bool = False, callbacks: list | None = None,
+            teacher: str | None = None, device: str = "auto", dtype: str = "float32",
+            eval_ppl: str | None = "python-stdlib", eval_windows: int = 16, ppl_seq_len: int = 512,
+            keep_checkpoints: bool = False, overwrite: bool = False, callbacks: list | None = None,
             save_dtype: str | None = None, **options) -> RecoverResult:
-    """LoRA-tune ``model`` (a folder or alias) on instruction ``data``, merge, save to ``out``.
+    """Recover ``model`` (a folder or alias) on ``data``, merge, save to ``out``.
 
     See the module docstring; the training options are a ``RecoverConfig`` (``config``) or
     its fields as keywords (``options``: lora_r, lora_alpha, lora_dropout, targets, lr,
     epochs, max_steps, batch_size, grad_accum, seq_len, eval_fraction, eval_steps,
-    save_steps, seed, keep_mask, ...). ``eval_ppl``: the source whose held-out split gives
-    the perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s;
+    save_steps, seed, keep_mask, full, kd, kd_temperature, kd_alpha, data_kind, tokens).
+    ``teacher``: the model distilled from with ``kd`` (an alias, folder or hub id; usually
+    the model before pruning). ``eval_ppl``: the source whose held-out split gives the
+    perplexity before/after (None to skip); ``callbacks``: extra ``TrainerCallback``s;
     ``save_dtype``: the saved weights' dtype (default: the source's).
     ``RecoverResult.report`` is report.json's content (reporting/schema.py ``RecoverReport``)."""
     from accelerate import PartialState
 
     cfg = _config(config, options)
-    out = check_out(out, overwrite, model, data, eval_ppl,
+    if cfg.kd and not teacher:
+        raise ConfigError("--kd distills from a teacher: give --teacher MODEL (usually the model before "
+                          "pruning)")
+    if teacher and not cfg.kd:
+        raise ConfigError("--teacher is the model to distill from: add --kd (or drop --teacher)")
+    kind = data_kind(data, cfg.data_kind)
+    out = check_out(out, overwrite, model, data, eval_ppl, *([teacher] if teacher else []),
                     expected_bytes=weights_bytes(model, save_dtype))
     check_window_sizes(eval_windows, ppl_seq_len)
     state = PartialState()
-    work, options, resume = _start(model, data, out, cfg, overwrite, state)
+    work, options, resume = _start(model, data, teacher, out, cfg, overwrite, state)
     dev = resolve_device(device)
-    instructions = read_instructions(data)
+    source = _read_data(data, kind, cfg)
     corpus = read_source(eval_ppl) if eval_ppl else None
     lm = load(model, dtype=dtype)
-    inputs = _inputs(lm, data, instructions, cfg, corpus, eval_windows, ppl_seq_len)
+    teacher_lm, kept = _teacher(teacher, cfg, lm, dtype)
+    inputs = _inputs(lm, data, kind, source, cfg, corpus, eval_windows, ppl_seq_len)
     masks = sparse_masks(lm, cfg.keep_mask)
     before = {"sparsity": decoder_sparsity(lm),
               "ppl": _perplexity(lm, inputs.held, dev) if state.is_main_process else None}
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         (work / "recover_options.json").write_text(json.dumps(options, indent=2) + "\n")
-    trained = _train(lm, cfg, inputs, work, dev, state, resume, callbacks)
+    trained = _train(lm, cfg, inputs, work, dev, state, resume, callbacks,
+                     teacher=teacher_lm.model if teacher_lm else None, kept=kept, masks=masks)
     state.wait_for_everyone()
     if not state.is_main_process:
         return RecoverResult({}, None)
     chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
-    lm.model = None
+    kd = None
+    if teacher_lm is not None:
+        kd = KDSettings(teacher=display_name(teacher_lm.name), temperature=cfg.kd_temperature,
+                        alpha=cfg.kd_alpha, restricted_vocab=None if kept is None else len(kept),
+                        teacher_params=count_parameters(teacher_lm.model)[0], teacher_logits="online")
+    lm.model = teacher_lm = None
     gc.collect()
-    merged = _merge(model, dtype, trained.adapter_dir, masks)
+    merged = _load_full(model, dtype, trained.weights_dir, masks) if cfg.full else \
+        _merge(model, dtype, trained.weights_dir, masks)
     report = _report(merged, cfg, inputs, trained, before, masks, dev, state.num_processes, resume,
-                     chat_template)
-    path = _save(merged, out, overwrite, report, trained.adapter_dir, save_dtype)
+                     chat_template, kd)
+    path = _save(merged, out, overwrite, report, None if cfg.full else trained.weights_dir, save_dtype)
     if not keep_checkpoints:
         shutil.rmtree(work, ignore_errors=True)
     return RecoverResult(report.to_dict(), path)
 
 
 def _report(merged, cfg: RecoverConfig, inputs: _Inputs, trained: _Trained, before: dict, masks: dict,
-            dev, processes: int, resume: str | None, chat_template: bool) -> RecoverReport:
+            dev, processes: int, resume: str | None, chat_template: bool,
+            kd: KDSettings | None) -> RecoverReport:
     """report.json of a recovery (docs/recovery.md "Output")."""
     out, history = trained.train_out, trained.history
     eval_curve = [[0, trained.eval_before]] if trained.eval_before is not None else []
+    samples = out.global_step * cfg.batch_size * cfg.grad_accum * processes
+    # tokens trained on: exact for code windows (all seq_len long), the mean example length otherwise
+    tokens = round(samples * inputs.train_tokens / max(1, len(inputs.train_set)))
     return RecoverReport(
         model=display_name(merged.name),
         source=Source.from_dict(sanitise_source(merged.origin, merged.name), "source"),
         data=RecoverData(spec=display_name(inputs.spec), examples=inputs.examples,
                          train=len(inputs.train_set), eval=len(inputs.eval_set),
                          dropped_no_answer_within_seq_len=inputs.dropped,
-                         chat_template=chat_template),
-        lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                          targets=list(cfg.targets), trainable_params=trained.trainable),
+                         chat_template=chat_template, kind=inputs.kind, train_tokens=inputs.train_tokens),
+        lora=None if cfg.full else LoraSettings(
+            r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=list(cfg.targets),
+            trainable_params=trained.trainable),
         training=TrainingSettings(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr,
                                   batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seq_len=cfg.seq_len,
-                                  processes=processes, resumed_from=resume),
-        steps=out.global_step, samples_seen=out.global_step * cfg.batch_size * cfg.grad_accum * processes,
-        seconds=trained.seconds, train_loss=out.training_loss,
+                                  processes=processes, resumed_from=resume,
+                                  mode="full" if cfg.full else "lora", trainable_params=trained.trainable,
+                                  objective="kd" if kd else "ce"),
+        kd=kd,
+        steps=out.global_step, samples_seen=samples, tokens_seen=tokens,
+        seconds=trained.seconds, tokens_per_second=tokens / trained.seconds if trained.seconds else None,
+        train_loss=out.training_loss,
         loss_curve={"train": [[h["step"], h["loss"]] for h in history if "loss" in h],
                     "eval": eval_curve + [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h]},
         eval_loss_before=trained.eval_before, eval_loss_after=trained.eval_after,
@@ -381,19 +563,45 @@ def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
     return lm
 
 
-def _save(lm, out: Path, overwrite: bool, report: RecoverReport, adapter_dir: Path,
+def _load_full(model: str, dtype: str, folder: Path, masks: dict):
+    """A fresh copy of ``model`` (its config, tokenizer, modeling file) holding the fully
+    fine-tuned weights the Trainer saved in ``folder`` (safetensors)."""
+    from safetensors.torch import load_file
+
+    lm = load(model, dtype=dtype)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for f in sorted(folder.glob("*.safetensors")):
+            state.update(load_file(f))
+    except Exception as e:  # a damaged file
+        raise CorruptModelError(f"cannot read the fine-tuned weights in {folder}: {e}") from e
+    if not state:
+        raise CorruptModelError(f"no fine-tuned weights (*.safetensors) in {folder}")
+    missing, unexpected = lm.model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and lm.model.config.tie_word_embeddings}
+    if unexpected or set(missing) - tied:
+        raise CorruptModelError(f"the fine-tuned weights in {folder} do not fit the model "
+                                f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    apply_masks_(lm.model, masks)
+    lm.model.eval()
+    return lm
+
+
+def _save(lm, out: Path, overwrite: bool, report: RecoverReport, adapter_dir: Path | None,
           save_dtype: str | None = None) -> Path:
     def extra(folder: Path) -> None:
         write_report(folder, report, measure_disk=True)  # before adapter/ and loss.png land
         # the Trainer's training_args.bin is a pickle: codeprune writes none (recover_options.json
         # and report.json hold the settings)
-        shutil.copytree(adapter_dir, folder / "adapter", ignore=shutil.ignore_patterns("*.bin"))
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, folder / "adapter", ignore=shutil.ignore_patterns("*.bin"))
         if report.loss_curve["train"] or report.loss_curve["eval"]:
             from codeprune.reporting.plots import loss_curves  # matplotlib: only when a plot is drawn
 
+            what = "distillation" if report.kd else "recovery"
+            how = "full fine-tuning" if report.lora is None else "LoRA"
             loss_curves(report.loss_curve, folder / "loss.png",
-                        title=f"LoRA recovery of {Path(report.model).name}")
+                        title=f"{how} {what} of {Path(report.model).name}")
 
     return save_checkpoint(lm, out, overwrite=overwrite, extra=extra, card=partial(render_model_card, report),
                            save_dtype=save_dtype)
-
