@@ -215,7 +215,7 @@ def cmd_instructions(args) -> int:
                  f"{summary['tests_fail_with_reference']} failing with their own function and "
                  f"{summary['tests_pass_without_function']} passing "
                  "without it dropped")
-    print(f"{summary['pairs']} {summary['style']} pairs ({summary['train']} train, {summary['eval']} eval) "
+    print(f"{summary['pairs']} pairs ({summary['style']}; {summary['train']} train, {summary['eval']} eval) "
           f"from {summary['files']} files; {summary['test_files_skipped']} test files skipped, "
           f"{summary['duplicates']} duplicates dropped{tests} -> {summary['out']}")
     return 0
