@@ -188,11 +188,11 @@ def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs,
     from codeprune.workflows.recover import RecoverConfig, recover
 
     src = Path(codeprune.__file__).parent
-    records, _ = build_instructions(f"python:{src}", eval_fraction=0.1)
+    records, _ = build_instructions(f"python:{src}", eval_fraction=0.05)
     data = write_jsonl(records, tmp_path / "instr.jsonl")
     res = recover(str(runs["wanda"].out), str(data), out=tmp_path / "rec", device="cpu", eval_windows=4,
                   ppl_seq_len=256, config=RecoverConfig(max_steps=6, batch_size=4, grad_accum=1, seq_len=256,
-                                                        lr=5e-4))
+                                                        lr=5e-4, eval_steps=100))  # evaluated before and after
     r = res.report
     assert r["eval_loss_after"] < r["eval_loss_before"], r["loss_curve"]
     assert r["sparsity_before"] == r["sparsity_after"] == pytest.approx(0.5, abs=1e-3)
@@ -202,6 +202,26 @@ def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs,
     for name, p in pruned.items():
         if name.endswith("proj.weight"):
             assert torch.equal(merged[name] == 0, p == 0), name
+
+
+def test_kd_recovers_flap_20_better_than_the_same_budget_of_sft(structured, tmp_path):
+    """FLAP 20% -> distillation from the dense model on a few hundred steps' worth of code
+    (16 LoRA steps of 4 x 128 tokens: 2k tokens, 4 epochs) -> held-out perplexity below the
+    pruned model's and below the same budget of cross-entropy training on the same windows."""
+    from codeprune.workflows.recover import recover
+
+    pruned = str(structured["flap-uniform"].out)
+    common = dict(tokens=2048, seq_len=128, epochs=4, batch_size=4, grad_accum=1, lr=2e-3, eval_fraction=0,
+                  device="cpu", eval_windows=4, ppl_seq_len=256)
+    kd = recover(pruned, "python-stdlib", out=tmp_path / "kd", teacher="smollm2-135m", kd=True,
+                 **common).report
+    sft = recover(pruned, "python-stdlib", out=tmp_path / "sft", **common).report
+    assert kd["tokens_seen"] == sft["tokens_seen"] == 4 * 2048 and kd["steps"] == sft["steps"] == 16
+    assert kd["ppl_before"] == pytest.approx(sft["ppl_before"])
+    assert kd["ppl_after"] < kd["ppl_before"] and kd["ppl_after"] < sft["ppl_after"], \
+        (kd["ppl_before"], kd["ppl_after"], sft["ppl_after"])
+    assert kd["kd"]["temperature"] == 2 and kd["training"]["objective"] == "kd"
+    assert "kd" not in sft and sft["training"]["objective"] == "ce"
 
 
 # -- Flab-Pruner building blocks (issue 6) -------------------------------------------------

@@ -16,6 +16,7 @@ from codeprune.methods.structured.prune import prune_structured_
 from codeprune.methods.unstructured.base import prune_model_
 from codeprune.methods.vocab import count_tokens, prune_vocab_, select_vocab
 from codeprune.models.checkpoint import save_checkpoint
+from codeprune.models.dtypes import fast_bfloat16
 from codeprune.options import count
 from codeprune.workflows.kd import kd_loss, vocabulary_map
 from codeprune.workflows.recover import data_kind, recover
@@ -115,7 +116,8 @@ def test_vocabulary_map_of_a_pruned_student():
 
 # -- recovery with a teacher -------------------------------------------------------------------------
 
-QUICK = dict(kd=True, tokens=3000, seq_len=48, batch_size=4, grad_accum=1, eval_fraction=0.2, eval_steps=100)
+QUICK = dict(kd=True, tokens=3000, seq_len=48, batch_size=4, grad_accum=1, eval_fraction=0.2, eval_steps=100,
+             teacher_dtype="float32")
 
 
 def _structured_pair(tmp_path):
@@ -132,9 +134,10 @@ def test_kd_lowers_the_held_out_kl_to_the_teacher(tmp_path):
     res = recover(s_dir, code_dir(tmp_path), out=tmp_path / "kd", teacher=t_dir, max_steps=15, lr=1e-2,
                   device="cpu", eval_ppl=None, **QUICK)
     r = res.report
-    # alpha 0, T 1: the evaluation loss is the mean KL(teacher || student) on held-out windows
+    # alpha 0: the evaluation loss is T^2 x the mean KL(teacher || student) on held-out windows
     assert r["eval_loss_after"] < 0.7 * r["eval_loss_before"]
     assert r["kd"]["teacher"] and r["kd"]["alpha"] == 0 and r["kd"]["restricted_vocab"] is None
+    assert r["kd"]["teacher_dtype"] == "float32"
     assert r["training"]["objective"] == "kd" and r["data"]["kind"] == "code"
     assert r["tokens_seen"] == 15 * 4 * 48 and r["tokens_per_second"] > 0
     assert "distillation loss" in (res.out / "report.md").read_text()
@@ -204,6 +207,7 @@ def test_cli_kd_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         (["--teacher", s_dir], "add --kd"),
         (["--teacher", s_dir, "--kd", "--kd-alpha", "1.5"], "kd alpha"),
         (["--teacher", s_dir, "--kd", "--kd-temperature", "0"], "kd temperature"),
+        (["--teacher", s_dir, "--kd", "--teacher-dtype", "int8"], "unknown dtype"),
         (["--teacher", str(tmp_path / "nope"), "--kd"], "nope"),
     ]
     with pytest.raises(SystemExit) as exc:  # argparse's usage error, one line (cli/parser.py)
@@ -227,6 +231,7 @@ def test_cli_kd_on_code(tmp_path, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kd"]["temperature"] == 2 and report["kd"]["alpha"] == 0.5
+    assert report["kd"]["teacher_dtype"] == ("bfloat16" if fast_bfloat16("cpu") else "float32")  # auto
     assert report["data"]["train_tokens"] == math.ceil(2000 / 48) * 48
 
 

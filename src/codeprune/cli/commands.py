@@ -185,7 +185,8 @@ def cmd_recover(args) -> int:
     from codeprune.api import recover
     from codeprune.reporting.markdown import render
 
-    res = recover(args.model, args.data, out=args.out, teacher=args.teacher, device=args.device,
+    res = recover(args.model, args.data, out=args.out, teacher=args.teacher, teacher_dtype=args.teacher_dtype,
+                  device=args.device,
                   dtype=args.dtype,
                   eval_ppl=None if args.eval_data == "none" else args.eval_data,
                   eval_windows=args.eval_windows, ppl_seq_len=args.eval_seq_len,

@@ -162,6 +162,9 @@ def build_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", default=None,
                    help="with --kd: the model to distill from (alias, folder or hub id; usually the model "
                         "before pruning)")
+    p.add_argument("--teacher-dtype", default="auto",
+                   help="the teacher's dtype; auto (default): bfloat16 where the device computes it natively "
+                        "(AVX512-BF16/AMX CPUs, recent GPUs), else --dtype")
     p.add_argument("--out", required=True, help="output folder (merged checkpoint, adapter/, report)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--eval-data", default="python-stdlib",

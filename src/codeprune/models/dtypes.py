@@ -43,3 +43,20 @@ def config_dtype(config) -> str | None:
         return None
     name = str(value).removeprefix("torch.")
     return name if name in SAVE_DTYPES else None
+
+
+def fast_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively: a CUDA device that supports them,
+    or a CPU with AVX512-BF16 or AMX (oneDNN uses them; elsewhere bfloat16 on a CPU is emulated
+    and slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -248,6 +248,7 @@ class KDSettings(Record):
     restricted_vocab: int | None  # the student's kept tokens when its vocabulary was pruned
     teacher_params: int
     teacher_logits: str  # "online": computed at every step
+    teacher_dtype: str | None = _opt()
 
 
 # -- reports --------------------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""Benchmark: recovery that keeps coding ability, on qwen2.5-coder-0.5b.
+
+Rows: the dense model, FLAP 20% (adaptive, compensated: the better of adaptive
+and uniform in the README's structured table), LLM-Pruner Taylor element1 20%,
+Flab-Pruner 22%; each before recovery, after LoRA SFT on completion-style pairs
+(``instructions --style completion``: the format HumanEval instruct is
+evaluated in) and after KD (LoRA, logit distillation from the dense model on
+``code-ppl``). Every step is the CLI in its own process, outputs under ``--work``
+(a step whose output exists is reused: rerun to resume, e.g. across sessions).
+
+- HumanEval pass@1, greedy, instruct prompts: all 164 problems for the dense model
+  and after KD (``--full-problems``), a fixed 40-problem subset (every fourth
+  problem) for the other rows (``--subset``); about 40 minutes per 164 on 2 cores.
+- Held-out perplexity on every language corpus here (``code-ppl``), per original
+  token for the vocabulary-pruned model (``--ppl-tokenizer``).
+- Recovery wall time, tokens and tokens/s (report.json of ``recover``).
+
+SFT and KD get the same budget: ``--tokens`` training tokens, one epoch, LoRA
+r 8 / alpha 16, lr ``--lr``, windows of ``--rec-seq-len``. The SFT pairs come
+from the standard library's calibration split (never a held-out file), the KD
+windows from the calibration splits of ``code-ppl``.
+
+    .venv/bin/python bench/recovery.py                                   # hours: run it alone
+    .venv/bin/python bench/recovery.py --rows flap-20 --tokens 32k --full-problems subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from codeprune.data.calibration import HELDOUT_FRACTION, unit_hash
+from codeprune.data.instructions import build_instructions, write_jsonl
+from codeprune.options import count
+
+CLI = [sys.executable, "-m", "codeprune"]
+SUBSET = ",".join(str(i) for i in range(0, 160, 4))  # 40 problems, spread over the set
+ROWS = {
+    "flap-20": ["--method", "flap", "--ratio", "0.2", "--structure", "adaptive"],
+    "taylor-20": ["--method", "taylor", "--importance", "element1", "--ratio", "0.2"],
+    "flab-22": ["--recipe", "flab", "--target", "0.22"],
+}
+
+
+def step(name: str, out: Path, args: list[str]) -> float:
+    """Run one CLI step unless its output exists (resume); its wall time (0 when reused)."""
+    if out.exists():
+        print(f"[{name}] reusing {out}", flush=True)
+        return 0.0
+    print(f"[{name}] {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    subprocess.run(CLI + args, check=True, env=env, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    print(f"[{name}] done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def sft_file(path: Path, tokens: int, tokenizer) -> Path:
+    """Completion-style pairs from the stdlib's calibration split, spread by hash, until they
+    hold about ``tokens`` tokens (rendered with the model's chat template)."""
+    if path.exists():
+        return path
+    from codeprune.data.prompts import encode
+
+    records, _ = build_instructions("python-stdlib", eval_fraction=0.0, style="completion")
+    records = [r for r in records if unit_hash(r["source"].rsplit(":", 1)[0]) >= HELDOUT_FRACTION
+               and len(r["messages"][1]["content"]) <= 2000]
+    records.sort(key=lambda r: unit_hash(r["source"]))
+    chosen, total = [], 0
+    for r in records:
+        if total >= tokens:
+            break
+        enc = encode(tokenizer, r["messages"], 512)
+        if enc is None:
+            continue
+        chosen.append({**r, "split": "train"})
+        total += len(enc["input_ids"])
+    held = records[len(chosen):len(chosen) + max(2, len(chosen) // 20)]
+    return write_jsonl(chosen + [{**r, "split": "eval"} for r in held], path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--work", default="runs/bench-recovery", help="outputs (reused when present)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"pruned rows: {', '.join(ROWS)}")
+    ap.add_argument("--stages", default="sft,kd", help="recoveries to run: sft, kd")
+    ap.add_argument("--tokens", type=count, default=200_000, help="training tokens of each recovery")
+    ap.add_argument("--lr", default="2e-4")
+    ap.add_argument("--rec-seq-len", type=int, default=512)
+    ap.add_argument("--subset", default=SUBSET, help="HumanEval problems of the rows before / after SFT")
+    ap.add_argument("--full-problems", default="all",
+                    help="HumanEval problems of the dense model and after KD: all, subset, or indices")
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--ppl-seq-len", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows of the pruning")
+    args = ap.parse_args()
+
+    work = Path(args.work).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    full = {"all": "0-163", "subset": args.subset}.get(args.full_problems, args.full_problems)
+    rows = [r for r in args.rows.split(",") if r]
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in ("sft", "kd")]
+    if unknown:
+        ap.error(f"unknown rows / stages: {', '.join(unknown)}")
+
+    def evaluate(name: str, model: str, problems: str, extra: list[str]) -> Path:
+        out = work / f"eval-{name}"
+        step(f"eval {name}", out, ["eval", "--model", model, "--ppl", "code-ppl", "--windows",
+                                   str(args.ppl_windows), "--seq-len", str(args.ppl_seq_len), "--humaneval",
+                                   "--prompt-format", "instruct", "--problems", problems,
+                                   "--max-new-tokens", str(args.max_new_tokens), "--out", str(out), *extra])
+        return out
+
+    results = {"dense": {"before": evaluate("dense", args.model, full, [])}}
+    recoveries: dict[tuple[str, str], Path] = {}
+    sft_data = None
+    if "sft" in stages:
+        from codeprune.models.loading import load_tokenizer
+
+        sft_data = sft_file(work / "sft-completion.jsonl", args.tokens, load_tokenizer(args.model))
+    common = ["--lr", args.lr, "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
+              "--seq-len", str(args.rec_seq_len), "--eval-data", "none"]
+    for row in rows:
+        pruned = work / f"pruned-{row}"
+        step(f"prune {row}", pruned, ["prune", "--model", args.model, *ROWS[row], "--calib", "python-stdlib",
+                                      "--samples", str(args.samples), "--seq-len", "128",
+                                      "--eval-windows", "8", "--out", str(pruned)])
+        ppl_tok = ["--ppl-tokenizer", args.model] if row.startswith("flab") else []
+        results[row] = {"before": evaluate(f"{row}-before", str(pruned), args.subset, ppl_tok)}
+        if "sft" in stages:
+            rec = work / f"sft-{row}"
+            step(f"sft {row}", rec, ["recover", "--model", str(pruned), "--data", str(sft_data),
+                                     "--out", str(rec), "--eval-fraction", "0", *common])
+            recoveries[(row, "sft")] = rec
+            results[row]["sft"] = evaluate(f"{row}-sft", str(rec), args.subset, ppl_tok)
+        if "kd" in stages:
+            rec = work / f"kd-{row}"
+            step(f"kd {row}", rec, ["recover", "--model", str(pruned), "--teacher", args.model, "--kd",
+                                    "--data", "code-ppl", "--tokens", str(args.tokens), "--out", str(rec),
+                                    "--eval-fraction", "0.02", *common])
+            recoveries[(row, "kd")] = rec
+            results[row]["kd"] = evaluate(f"{row}-kd", str(rec), full, ppl_tok)
+    table(args, work, results, recoveries)
+
+
+def table(args, work: Path, results: dict, recoveries: dict) -> None:
+    reports = {(row, st): json.loads((path / "report.json").read_text())
+               for row, stages in results.items() for st, path in stages.items()}
+    dense = reports[("dense", "before")]
+    langs = list(dense["perplexity"])
+    dense_p1 = dense["humaneval"]["pass@1"]
+    print(f"\n{args.model}; recoveries: {args.tokens:,} tokens each, LoRA r 8, lr {args.lr}, "
+          f"seq {args.rec_seq_len}, 1 epoch (SFT: completion-style stdlib pairs; KD: code-ppl, "
+          "teacher = the dense model)\n")
+    print("| model | stage | params | pass@1 (problems) | of dense | "
+          + " | ".join(f"ppl {k.split(':')[0]}" for k in langs) + " | recovery s | tokens | tok/s |")
+    print("|---|---|---|---|---|" + "---|" * len(langs) + "---|---|---|")
+    for (row, st), r in reports.items():
+        he, eff = r["humaneval"], r["efficiency"]
+        ppl = " | ".join(f"{r['perplexity'][k]['ppl']:.3f}" for k in langs)
+        rec = recoveries.get((row, st))
+        rr = json.loads((rec / "report.json").read_text()) if rec else None
+        timing = (f"{rr['seconds']:.0f} | {rr['tokens_seen']:,} | {rr['tokens_per_second']:.1f}" if rr
+                  else "- | - | -")
+        kept = he["pass@1"] / dense_p1 if dense_p1 else float("nan")
+        print(f"| {row} | {st} | {eff['params_total']:,} | {he['pass@1']:.4f} ({he['n_problems']}) | "
+              f"{kept:.0%} | {ppl} | {timing} |")
+    print(f"\nThe dense model's pass@1 is on {dense['humaneval']['n_problems']} problems; rows on another "
+          "problem set compare with the dense model's pass@1 on all of them.")
+
+
+if __name__ == "__main__":
+    main()
