@@ -192,7 +192,7 @@ def test_recovery_of_wanda_50_keeps_its_zeros_and_lowers_the_held_out_loss(runs,
     data = write_jsonl(records, tmp_path / "instr.jsonl")
     res = recover(str(runs["wanda"].out), str(data), out=tmp_path / "rec", device="cpu", eval_windows=4,
                   ppl_seq_len=256, config=RecoverConfig(max_steps=6, batch_size=4, grad_accum=1, seq_len=256,
-                                                        lr=5e-4, eval_steps=100))  # evaluated before and after
+                                                        lr=5e-4, eval_steps=100))  # eval: before, after
     r = res.report
     assert r["eval_loss_after"] < r["eval_loss_before"], r["loss_curve"]
     assert r["sparsity_before"] == r["sparsity_after"] == pytest.approx(0.5, abs=1e-3)
