@@ -11,6 +11,8 @@
     codeprune.report(["runs/wanda50", "runs/langs/python"], out="runs/report")
     codeprune.instructions("python:src/", out="data/instr.jsonl")
     codeprune.recover("runs/wanda50", "data/instr.jsonl", out="runs/wanda50-rec", epochs=1)
+    codeprune.recover("runs/wanda50", "code-ppl", out="runs/wanda50-kd", teacher="smollm2-135m", kd=True,
+                      tokens=200_000)
     codeprune.prune("qwen2.5-coder-0.5b", recipe="flab", target=0.22, out="runs/q-flab-22")
     codeprune.distill_data("qwen2.5-coder-0.5b", "runs/q-flab-22", "data/instr.jsonl",
                            out="data/instr-flab.jsonl")

@@ -251,3 +251,16 @@ def test_counts():
     for bad in ("lots", "1.5", "k"):
         with pytest.raises(ValueError):
             count(bad)
+
+
+def test_full_fine_tuning_of_a_model_with_tied_embeddings(tmp_path):
+    lm = make_tiny("qwen2", tie_word_embeddings=True)
+    s_dir = save_checkpoint(lm, tmp_path / "student")
+    res = recover(s_dir, code_dir(tmp_path), out=tmp_path / "full", full=True, max_steps=3, lr=1e-3,
+                  tokens=2000, seq_len=48, batch_size=4, eval_fraction=0, device="cpu", eval_ppl=None)
+    out = AutoModelForCausalLM.from_pretrained(res.out)
+    assert out.config.tie_word_embeddings
+    assert out.lm_head.weight.data_ptr() == out.model.embed_tokens.weight.data_ptr()
+    before = dict(lm.model.named_parameters())
+    assert not torch.equal(out.model.embed_tokens.weight, before["model.embed_tokens.weight"])  # trained
+    assert res.report["training"]["objective"] == "ce" and res.report["lora"] is None

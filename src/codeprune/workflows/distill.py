@@ -5,7 +5,9 @@ one and an instruction set (.jsonl or hf:, Alpaca or chat, as ``recover`` reads 
 
 1. the pruned model answers every example (greedy, the prompt rendered exactly as
    ``codeprune recover`` renders it: the tokenizer's chat template, or the plain
-   ``### Instruction / ### Response`` layout);
+   ``### Instruction / ### Response`` layout; completion-style pairs, whose answer
+   opens a ```python block, are prompted with that fence and stopped at the
+   closing one, as ``eval --humaneval --prompt-format instruct`` prompts);
 2. examples it answers correctly are dropped: it does not need them;
 3. the original model answers the rest; where *its* answer is correct it becomes
    the training target (the pruned model learns to behave like the model it came
@@ -17,11 +19,14 @@ one and an instruction set (.jsonl or hf:, Alpaca or chat, as ``recover`` reads 
 
 ``tests``  the example carries tests (a ``test`` field: Python code that raises on
            failure; ``entry_point`` adds ``check(entry_point)`` as in HumanEval;
-           ``prompt_code`` is code put before the answer, e.g. imports or a stub).
-           The answer's code (the first fenced block, else the whole answer) is
-           run with them in the sandbox (evaluation/sandbox.py: own process, time
-           and memory limits, own temporary folder, no network); it is correct
-           when the program exits cleanly.
+           ``prompt_code`` is code put before the answer, e.g. imports or a stub;
+           ``problem`` + ``function``: an answer that does not define the function
+           is a body that continues the problem). ``codeprune instructions
+           --with-tests`` writes such rows from the doctests of a codebase. The
+           answer's code (the first fenced block, else the whole answer) is run
+           with them in the sandbox (evaluation/sandbox.py: own process, time and
+           memory limits, own temporary folder, no network); it is correct when
+           the program exits cleanly.
 ``match``  examples without tests: the answer is correct when its similarity to
            the reference, difflib's ratio on whitespace-collapsed text, is at least
            ``match_threshold`` (default 0.6: most of the reference reproduced, in
