@@ -135,7 +135,7 @@ def test_kd_lowers_the_held_out_kl_to_the_teacher(tmp_path):
                   device="cpu", eval_ppl=None, **QUICK)
     r = res.report
     # alpha 0: the evaluation loss is T^2 x the mean KL(teacher || student) on held-out windows
-    assert r["eval_loss_after"] < 0.7 * r["eval_loss_before"]
+    assert r["eval_loss_after"] < 0.8 * r["eval_loss_before"]
     assert r["kd"]["teacher"] and r["kd"]["alpha"] == 0 and r["kd"]["restricted_vocab"] is None
     assert r["kd"]["teacher_dtype"] == "float32"
     assert r["training"]["objective"] == "kd" and r["data"]["kind"] == "code"
