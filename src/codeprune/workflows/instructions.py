@@ -28,6 +28,7 @@ from codeprune.workflows.common import check_out, releasing_outputs
 
 
 def _stub(row: dict) -> str:
+    """A wrong answer on purpose: a test that still passes with it never reaches the function."""
     return f"def {row['function']}(*args, **kwargs):\n    raise NotImplementedError\n"
 
 
