@@ -21,10 +21,10 @@ token strings, and the teacher's distribution is restricted to the kept ids
 taught the teacher's preferences among the tokens it can still produce.
 
 The teacher runs online, in evaluation mode and without gradients, on the
-student's device, in the dtype the run loads models in. Caching its top-k logits
-to disk was measured against this and not chosen: on a CPU one teacher forward
-costs 23% (bfloat16) to 41% (float32) of a LoRA training step on smollm2-135m (docs/recovery.md "Distillation"),
-a cache would only pay back from the second epoch, and a top-k cache changes
+student's device, in ``--teacher-dtype``. Caching its top-k logits to disk was
+measured against this and not chosen: on a CPU one teacher forward costs 23%
+(bfloat16) to 41% (float32) of a LoRA training step on smollm2-135m
+(docs/recovery.md "Distillation"), a cache would only pay back from the second epoch, and a top-k cache changes
 the loss (the tail of the distribution is dropped).
 """
 
