@@ -24,8 +24,8 @@ The teacher runs online, in evaluation mode and without gradients, on the
 student's device, in ``--teacher-dtype``. Caching its top-k logits to disk was
 measured against this and not chosen: on a CPU one teacher forward costs 23%
 (bfloat16) to 41% (float32) of a LoRA training step on smollm2-135m
-(docs/recovery.md "Distillation"), a cache would only pay back from the second epoch, and a top-k cache changes
-the loss (the tail of the distribution is dropped).
+(docs/recovery.md "Distillation"), a cache would only pay back from the second
+epoch, and a top-k cache changes the loss (the tail of the distribution is dropped).
 """
 
 from __future__ import annotations
