@@ -10,11 +10,9 @@ from codeprune.data.instructions import (
     doctest_examples,
     doctest_program,
     module_name,
+    program_with_tests,
     python_pairs,
     reference_answer,
-)
-from codeprune.data.instructions import (
-    test_program as program_for,
 )
 from codeprune.data.prompts import RESPONSE_PREFIX, encode, prompt_segments
 from codeprune.errors import ConfigError, CorpusError
@@ -132,8 +130,8 @@ def test_a_pairs_doctest_passes_for_the_reference_and_fails_for_a_wrong_body():
     wrong_function = "```python\ndef words(text):\n    return text.split()\n```"
     wrong_body = "    return text.lower().split()\n"  # continues the problem, as eval continues a prompt
     right_body = "    return _WORD.findall(text.lower())\n"
-    programs = [program_for(w, reference_answer(w)), program_for(w, wrong_function),
-                program_for(w, wrong_body), program_for(w, right_body)]
+    programs = [program_with_tests(w, reference_answer(w)), program_with_tests(w, wrong_function),
+                program_with_tests(w, wrong_body), program_with_tests(w, right_body)]
     assert [r.passed for r in run_programs(programs, workers=2)] == [True, False, False, True]
 
 

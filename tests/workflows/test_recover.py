@@ -183,6 +183,15 @@ def test_bad_input(tmp_path):
             RecoverConfig(**bad)
 
 
+def test_options_that_would_be_ignored_are_refused():
+    with pytest.raises(ConfigError, match="--lora-r, --targets have no effect with --full"):
+        RecoverConfig(full=True, lora_r=16, targets=("q_proj",))
+    with pytest.raises(ConfigError, match="--kd-alpha has no effect without --kd"):
+        RecoverConfig(kd_alpha=0.5)
+    RecoverConfig(full=True, kd=True, kd_alpha=0.5, kd_temperature=1.0)  # each option where it applies
+    RecoverConfig(lora_r=16, targets=list(("q_proj", "v_proj")))
+
+
 def test_cli_recover(tmp_path, capsys):
     folder = tiny_folder(tmp_path)
     data = write_data(tmp_path / "d.jsonl")

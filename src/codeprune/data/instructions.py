@@ -312,7 +312,7 @@ def defines(code: str, name: str) -> bool:
     return bool(re.search(rf"^\s*(async\s+)?def\s+{re.escape(name)}\s*\(", code, flags=re.M))
 
 
-def test_program(row: dict, answer: str) -> str:
+def program_with_tests(row: dict, answer: str) -> str:
     """The program that checks ``answer`` against a row's test: ``prompt_code``, the answer's
     code (a bare body continues the row's ``problem``, as ``eval --humaneval`` continues a
     prompt), the ``test``, and ``check(entry_point)`` when the row names one (HumanEval's

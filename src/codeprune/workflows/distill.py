@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from codeprune.calibration.devices import place_model, resolve_device
-from codeprune.data.instructions import answer_code, test_program, to_messages, write_jsonl
+from codeprune.data.instructions import answer_code, program_with_tests, to_messages, write_jsonl
 from codeprune.data.instructions import read_rows as raw_rows
 from codeprune.data.prompts import INSTRUCT_STOP, RESPONSE_PREFIX, prompt_segments
 from codeprune.errors import ConfigError, CorpusError
@@ -140,7 +140,7 @@ def judge(rows: list[DistillRow], answers: list[str], cfg: DistillConfig) -> lis
     runs = [k for k, kind in enumerate(kinds) if kind == "tests"]
     if runs:
         limits = SandboxLimits(timeout=cfg.timeout, memory_mb=cfg.memory_mb)
-        results = run_programs([test_program(rows[k].row, answers[k]) for k in runs], limits=limits,
+        results = run_programs([program_with_tests(rows[k].row, answers[k]) for k in runs], limits=limits,
                                workers=cfg.workers)
         for k, res in zip(runs, results, strict=True):
             out[k] = (res.passed, "tests", float(res.passed))

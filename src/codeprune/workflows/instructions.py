@@ -18,8 +18,8 @@ from pathlib import Path
 from codeprune.data.instructions import (
     EVAL_FRACTION,
     build_instructions,
+    program_with_tests,
     reference_answer,
-    test_program,
     write_jsonl,
 )
 from codeprune.errors import CorpusError
@@ -37,8 +37,8 @@ def check_tests(records: list[dict], limits: SandboxLimits | None = None,
     """(the records whose test passes with the reference and fails with a stub, counts)."""
     from tqdm.auto import tqdm
 
-    programs = [test_program(r, reference_answer(r)) for r in records] + \
-               [test_program(r, _stub(r)) for r in records]
+    programs = [program_with_tests(r, reference_answer(r)) for r in records] + \
+               [program_with_tests(r, _stub(r)) for r in records]
     with tqdm(total=len(programs), desc="doctests in the sandbox", unit="program") as bar:
         results = run_programs(programs, limits=limits, workers=workers, progress=bar)
     ref, stub = results[:len(records)], results[len(records):]

@@ -54,7 +54,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -148,6 +148,20 @@ class RecoverConfig:
             if not ok:
                 raise ConfigError(message)
         self.targets = tuple(self.targets)
+        self._refuse_unused()
+
+    def _refuse_unused(self) -> None:
+        """Options that would be ignored are refused, not silently dropped: LoRA options with
+        ``full``, distillation options without ``kd``."""
+        changed = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
+        lora = ("lora_r", "lora_alpha", "lora_dropout", "targets")
+        for on, group, flag in ((self.full, lora, "with --full"),
+                                (not self.kd, ("kd_temperature", "kd_alpha"), "without --kd")):
+            unused = sorted(changed & set(group))
+            if on and unused:
+                names = ", ".join("--" + n.replace("_", "-") for n in unused)
+                raise ConfigError(f"{names} {'has' if len(unused) == 1 else 'have'} no effect {flag}: "
+                                  "drop " + ("it" if len(unused) == 1 else "them"))
 
 
 def sparse_masks(lm, mode: str = "auto") -> dict[str, torch.Tensor]:
