@@ -4,9 +4,11 @@ Rows: the dense model, FLAP 20% (adaptive, compensated: the better of adaptive
 and uniform in the README's structured table), LLM-Pruner Taylor element1 20%,
 Flab-Pruner 22%; each before recovery, after LoRA SFT on completion-style pairs
 (``instructions --style completion``: the format HumanEval instruct is
-evaluated in) and after KD (LoRA, logit distillation from the dense model on
-``code-ppl``). Every step is the CLI in its own process, outputs under ``--work``
-(a step whose output exists is reused: rerun to resume, e.g. across sessions).
+evaluated in), after KD (LoRA, logit distillation from the dense model on
+``code-ppl``) and after KD on the SFT pairs (``kd-pairs``: the same
+distillation, on the answers of the completion-style pairs). Every step is the
+CLI in its own process, outputs under ``--work`` (a step whose output exists is
+reused: rerun to resume, e.g. across sessions).
 
 - HumanEval pass@1, greedy, instruct prompts: all 164 problems for the dense model
   and after KD (``--full-problems``), a fixed 40-problem subset (every fourth
@@ -15,7 +17,7 @@ evaluated in) and after KD (LoRA, logit distillation from the dense model on
   token for the vocabulary-pruned model (``--ppl-tokenizer``).
 - Recovery wall time, tokens and tokens/s (report.json of ``recover``).
 
-SFT and KD get the same budget: ``--tokens`` training tokens, one epoch, LoRA
+SFT and both KDs get the same budget: ``--tokens`` training tokens, one epoch, LoRA
 r 8 / alpha 16, lr ``--lr``, windows of ``--rec-seq-len``. The SFT pairs come
 from the standard library's calibration split (never a held-out file), the KD
 windows from the calibration splits of ``code-ppl``.
@@ -90,7 +92,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--work", default="runs/bench-recovery", help="outputs (reused when present)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"pruned rows: {', '.join(ROWS)}")
-    ap.add_argument("--stages", default="sft,kd", help="recoveries to run: sft, kd")
+    ap.add_argument("--stages", default="sft,kd,kd-pairs", help="recoveries to run: sft, kd, kd-pairs")
     ap.add_argument("--tokens", type=count, default=200_000, help="training tokens of each recovery")
     ap.add_argument("--lr", default="2e-4")
     ap.add_argument("--rec-seq-len", type=int, default=512)
@@ -108,7 +110,7 @@ def main() -> None:
     full = {"all": "0-163", "subset": args.subset}.get(args.full_problems, args.full_problems)
     rows = [r for r in args.rows.split(",") if r]
     stages = [s for s in args.stages.split(",") if s]
-    unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in ("sft", "kd")]
+    unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in ("sft", "kd", "kd-pairs")]
     if unknown:
         ap.error(f"unknown rows / stages: {', '.join(unknown)}")
 
@@ -123,7 +125,7 @@ def main() -> None:
     results = {"dense": {"before": evaluate("dense", args.model, full, [])}}
     recoveries: dict[tuple[str, str], Path] = {}
     sft_data = None
-    if "sft" in stages:
+    if "sft" in stages or "kd-pairs" in stages:
         from codeprune.models.loading import load_tokenizer
 
         sft_data = sft_file(work / "sft-completion.jsonl", args.tokens, load_tokenizer(args.model))
@@ -142,13 +144,14 @@ def main() -> None:
                                      "--out", str(rec), "--eval-fraction", "0", *common])
             recoveries[(row, "sft")] = rec
             results[row]["sft"] = evaluate(f"{row}-sft", str(rec), args.subset, ppl_tok)
-        if "kd" in stages:
-            rec = work / f"kd-{row}"
-            step(f"kd {row}", rec, ["recover", "--model", str(pruned), "--teacher", args.model, "--kd",
-                                    "--data", "code-ppl", "--tokens", str(args.tokens), "--out", str(rec),
-                                    "--eval-fraction", "0.02", *common])
-            recoveries[(row, "kd")] = rec
-            results[row]["kd"] = evaluate(f"{row}-kd", str(rec), full, ppl_tok)
+        for stage in (s for s in ("kd", "kd-pairs") if s in stages):
+            rec = work / f"{stage}-{row}"
+            data = ["--data", "code-ppl", "--tokens", str(args.tokens), "--eval-fraction", "0.02"] \
+                if stage == "kd" else ["--data", str(sft_data), "--eval-fraction", "0"]
+            step(f"{stage} {row}", rec, ["recover", "--model", str(pruned), "--teacher", args.model, "--kd",
+                                         *data, "--out", str(rec), *common])
+            recoveries[(row, stage)] = rec
+            results[row][stage] = evaluate(f"{row}-{stage}", str(rec), full, ppl_tok)
     table(args, work, results, recoveries)
 
 
@@ -159,8 +162,8 @@ def table(args, work: Path, results: dict, recoveries: dict) -> None:
     langs = list(dense["perplexity"])
     dense_p1 = dense["humaneval"]["pass@1"]
     print(f"\n{args.model}; recoveries: {args.tokens:,} tokens each, LoRA r 8, lr {args.lr}, "
-          f"seq {args.rec_seq_len}, 1 epoch (SFT: completion-style stdlib pairs; KD: code-ppl, "
-          "teacher = the dense model)\n")
+          f"seq {args.rec_seq_len}, 1 epoch (SFT: completion-style stdlib pairs; KD: code-ppl; "
+          "KD-pairs: the SFT pairs' answers; teacher = the dense model)\n")
     print("| model | stage | params | pass@1 (problems) | of dense | "
           + " | ".join(f"ppl {k.split(':')[0]}" for k in langs) + " | recovery s | tokens | tok/s |")
     print("|---|---|---|---|---|" + "---|" * len(langs) + "---|---|---|")
@@ -175,7 +178,15 @@ def table(args, work: Path, results: dict, recoveries: dict) -> None:
         print(f"| {row} | {st} | {eff['params_total']:,} | {he['pass@1']:.4f} ({he['n_problems']}) | "
               f"{kept:.0%} | {ppl} | {timing} |")
     print(f"\nThe dense model's pass@1 is on {dense['humaneval']['n_problems']} problems; rows on another "
-          "problem set compare with the dense model's pass@1 on all of them.")
+          "problem set compare with the dense model's pass@1 on all of them.\n")
+    for (row, st), r in reports.items():  # the target: recovery never lowers pass@1
+        if st == "before":
+            continue
+        before, after = reports[(row, "before")]["humaneval"]["per_problem"], r["humaneval"]["per_problem"]
+        common = sorted(set(before) & set(after))
+        b, a = (sum(pp[t]["correct"] for t in common) for pp in (before, after))
+        verdict = "LOWERED pass@1" if a < b else "kept or raised pass@1"
+        print(f"- {row} {st}: {verdict} on the {len(common)} problems both ran: {b} -> {a} solved")
 
 
 if __name__ == "__main__":
