@@ -47,6 +47,7 @@ ROWS = {
     "taylor-20": ["--method", "taylor", "--importance", "element1", "--ratio", "0.2"],
     "flab-22": ["--recipe", "flab", "--target", "0.22"],
 }
+STAGES = ("sft", "kd", "kd-pairs")  # recoveries: SFT on the pairs, KD on code-ppl, KD on the pairs
 
 
 def step(name: str, out: Path, args: list[str]) -> float:
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--work", default="runs/bench-recovery", help="outputs (reused when present)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"pruned rows: {', '.join(ROWS)}")
-    ap.add_argument("--stages", default="sft,kd,kd-pairs", help="recoveries to run: sft, kd, kd-pairs")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"recoveries to run: {', '.join(STAGES)}")
     ap.add_argument("--tokens", type=count, default=200_000, help="training tokens of each recovery")
     ap.add_argument("--lr", default="2e-4")
     ap.add_argument("--rec-seq-len", type=int, default=512)
@@ -110,7 +111,7 @@ def main() -> None:
     full = {"all": "0-163", "subset": args.subset}.get(args.full_problems, args.full_problems)
     rows = [r for r in args.rows.split(",") if r]
     stages = [s for s in args.stages.split(",") if s]
-    unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in ("sft", "kd", "kd-pairs")]
+    unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown rows / stages: {', '.join(unknown)}")
 
