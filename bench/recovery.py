@@ -187,17 +187,22 @@ def table(args, work: Path, results: dict, recoveries: dict) -> None:
         if st == "before":
             continue
         before, after = reports[(row, "before")]["humaneval"]["per_problem"], r["humaneval"]["per_problem"]
-        common = sorted(set(before) & set(after))
-        b, a = (sum(pp[t]["correct"] for t in common) for pp in (before, after))
+        common = set(before) & set(after)
+        b, a = _solved(before, common), _solved(after, common)
         verdict = "LOWERED pass@1" if a < b else "kept or raised pass@1"
         print(f"- {row} {st}: {verdict} on the {len(common)} problems both ran: {b} -> {a} solved")
+
+
+def _solved(per_problem: dict, tasks: set) -> int:
+    """Problems among ``tasks`` solved in a report's ``per_problem`` (greedy: one sample each)."""
+    return sum(per_problem[t]["correct"] for t in tasks)
 
 
 def _of_dense(dense: dict, row: dict) -> str:
     """A row's solved problems as a share of the dense model's, on the problems both ran."""
     common = set(dense) & set(row)
-    d = sum(dense[t]["correct"] for t in common)
-    return f"{sum(row[t]['correct'] for t in common) / d:.0%}" if d else "-"
+    d = _solved(dense, common)
+    return f"{_solved(row, common) / d:.0%}" if d else "-"
 
 
 if __name__ == "__main__":
