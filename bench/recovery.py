@@ -8,7 +8,15 @@ evaluated in), after KD (LoRA, logit distillation from the dense model on
 ``code-ppl``) and after KD on the SFT pairs (``kd-pairs``: the same
 distillation, on the answers of the completion-style pairs). Every step is the
 CLI in its own process, outputs under ``--work`` (a step whose output exists is
-reused: rerun to resume, e.g. across sessions).
+reused: rerun to resume).
+
+The benchmark takes longer than one sitting, and its models take gigabytes, so the
+small part that matters is kept apart: each finished evaluation's and recovery's
+report.json is copied to ``--results`` (``bench/results/recovery``, committed).
+A step whose result is there is never rerun, and the models it would have needed
+are never built: a later session on a fresh machine goes on where the last one
+stopped, rebuilding only what a missing result needs. ``--results`` holds the
+settings it was made with (settings.json) and refuses others.
 
 - HumanEval pass@1, greedy, instruct prompts: all 164 problems for the dense model
   and after KD (``--full-problems``), a fixed 40-problem subset (every fourth
@@ -23,7 +31,8 @@ from the standard library's calibration split (never a held-out file), the KD
 windows from the calibration splits of ``code-ppl``.
 
     .venv/bin/python bench/recovery.py                                   # hours: run it alone
-    .venv/bin/python bench/recovery.py --rows flap-20 --tokens 32k --full-problems subset
+    .venv/bin/python bench/recovery.py --rows flap-20 --tokens 32k --full-problems subset \
+        --results /tmp/recovery-32k
 """
 
 from __future__ import annotations
@@ -32,9 +41,11 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from codeprune.data.calibration import HELDOUT_FRACTION, unit_hash
@@ -63,6 +74,38 @@ def step(name: str, out: Path, args: list[str]) -> float:
     seconds = time.perf_counter() - start
     print(f"[{name}] done in {seconds:.0f} s", flush=True)
     return seconds
+
+
+class Results:
+    """Reports of finished steps in a folder that outlives ``--work`` (committed to the repo).
+
+    ``settings.json`` records what the reports depend on; another setting is refused, so a
+    32k-token recovery is never read as a 200k-token one."""
+
+    def __init__(self, folder: Path, settings: dict):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "settings.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != settings:
+                changed = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+                sys.exit(f"{folder} holds results made with other settings ({', '.join(changed)}): "
+                         "give another --results")
+        else:
+            path.write_text(json.dumps(settings, indent=2) + "\n")
+
+    def get(self, name: str, run: Callable[[], Path]) -> dict:
+        """The report of step ``name``: from the folder, or ``run()`` (the step's output folder,
+        which holds report.json) then kept."""
+        path = self.folder / f"{name}.json"
+        if path.exists():
+            print(f"[{name}] result in {path}", flush=True)
+            return json.loads(path.read_text())
+        tmp = path.with_suffix(".json.tmp")
+        shutil.copyfile(run() / "report.json", tmp)
+        tmp.replace(path)
+        return json.loads(path.read_text())
 
 
 def sft_file(path: Path, tokens: int, tokenizer) -> Path:
@@ -105,6 +148,8 @@ def main() -> None:
     ap.add_argument("--ppl-seq-len", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--samples", type=int, default=32, help="calibration windows of the pruning")
+    ap.add_argument("--results", default="bench/results/recovery",
+                    help="reports of finished steps, kept across sessions (settings.json inside)")
     args = ap.parse_args()
 
     work = Path(args.work).expanduser()
@@ -115,54 +160,68 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown rows / stages: {', '.join(unknown)}")
+    settings = {k: getattr(args, k) for k in ("model", "tokens", "lr", "rec_seq_len", "ppl_windows",
+                                              "ppl_seq_len", "max_new_tokens", "samples", "subset")}
+    results = Results(Path(args.results), settings)
 
-    def evaluate(name: str, model: str, problems: str, extra: list[str]) -> Path:
-        # one folder per problem set: a 164-problem run never reuses a 40-problem one
+    def evaluate(name: str, model: Callable[[], str], problems: str, extra: list[str]) -> dict:
+        # one result per problem set: a 164-problem run never reuses a 40-problem one
         tag = {args.subset: "", "0-163": "-all"}.get(problems)
         tag = "-" + hashlib.sha1(problems.encode()).hexdigest()[:8] if tag is None else tag
         out = work / f"eval-{name}{tag}"
-        step(f"eval {name}", out, ["eval", "--model", model, "--ppl", "code-ppl", "--windows",
-                                   str(args.ppl_windows), "--seq-len", str(args.ppl_seq_len), "--humaneval",
-                                   "--prompt-format", "instruct", "--problems", problems,
-                                   "--max-new-tokens", str(args.max_new_tokens), "--out", str(out), *extra])
-        return out
 
-    results = {"dense": {"before": evaluate("dense", args.model, full, [])}}
-    recoveries: dict[tuple[str, str], Path] = {}
-    sft_data = None
-    if "sft" in stages or "kd-pairs" in stages:
+        def run() -> Path:
+            step(f"eval {name}", out, ["eval", "--model", model(), "--ppl", "code-ppl", "--windows",
+                                       str(args.ppl_windows), "--seq-len", str(args.ppl_seq_len),
+                                       "--humaneval", "--prompt-format", "instruct", "--problems", problems,
+                                       "--max-new-tokens", str(args.max_new_tokens), "--out", str(out),
+                                       *extra])
+            return out
+        return results.get(out.name, run)
+
+    def sft_data() -> Path:
         from codeprune.models.loading import load_tokenizer
 
-        sft_data = sft_file(work / "sft-completion.jsonl", args.tokens, load_tokenizer(args.model))
+        return sft_file(work / "sft-completion.jsonl", args.tokens, load_tokenizer(args.model))
+
+    reports = {("dense", "before"): evaluate("dense", lambda: args.model, full, [])}
+    recoveries: dict[tuple[str, str], dict] = {}
     common = ["--lr", args.lr, "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
               "--seq-len", str(args.rec_seq_len), "--eval-data", "none"]
     for row in rows:
         pruned = work / f"pruned-{row}"
-        step(f"prune {row}", pruned, ["prune", "--model", args.model, *ROWS[row], "--calib", "python-stdlib",
-                                      "--samples", str(args.samples), "--seq-len", "128",
-                                      "--eval-windows", "8", "--out", str(pruned)])
+
+        def prune(row=row, pruned=pruned) -> str:
+            step(f"prune {row}", pruned, ["prune", "--model", args.model, *ROWS[row], "--calib",
+                                          "python-stdlib", "--samples", str(args.samples), "--seq-len", "128",
+                                          "--eval-windows", "8", "--out", str(pruned)])
+            return str(pruned)
         ppl_tok = ["--ppl-tokenizer", args.model] if row.startswith("flab") else []
-        results[row] = {"before": evaluate(f"{row}-before", str(pruned), args.subset, ppl_tok)}
-        if "sft" in stages:
-            rec = work / f"sft-{row}"
-            step(f"sft {row}", rec, ["recover", "--model", str(pruned), "--data", str(sft_data),
-                                     "--out", str(rec), "--eval-fraction", "0", *common])
-            recoveries[(row, "sft")] = rec
-            results[row]["sft"] = evaluate(f"{row}-sft", str(rec), args.subset, ppl_tok)
-        for stage in (s for s in ("kd", "kd-pairs") if s in stages):
+        # the 164-problem evaluations after KD first: the longest, and what the targets read
+        for stage in [s for s in ("kd", "kd-pairs", "sft") if s in stages]:
             rec = work / f"{stage}-{row}"
-            data = ["--data", "code-ppl", "--tokens", str(args.tokens), "--eval-fraction", "0.02"] \
-                if stage == "kd" else ["--data", str(sft_data), "--eval-fraction", "0"]
-            step(f"{stage} {row}", rec, ["recover", "--model", str(pruned), "--teacher", args.model, "--kd",
-                                         *data, "--out", str(rec), *common])
-            recoveries[(row, stage)] = rec
-            results[row][stage] = evaluate(f"{row}-{stage}", str(rec), full, ppl_tok)
-    table(args, work, results, recoveries)
+
+            def recover(stage=stage, rec=rec, prune=prune) -> Path:
+                kd = ["--teacher", args.model, "--kd"]
+                if stage == "sft":
+                    data = ["--data", str(sft_data()), "--eval-fraction", "0"]
+                elif stage == "kd":
+                    data = [*kd, "--data", "code-ppl", "--tokens", str(args.tokens),
+                            "--eval-fraction", "0.02"]
+                else:
+                    data = [*kd, "--data", str(sft_data()), "--eval-fraction", "0"]
+                step(rec.name, rec, ["recover", "--model", prune(), *data, "--out", str(rec), *common])
+                return rec
+            recoveries[(row, stage)] = results.get(rec.name, recover)
+            reports[(row, stage)] = evaluate(f"{row}-{stage}", lambda rec=rec: str(rec),
+                                             args.subset if stage == "sft" else full, ppl_tok)
+        reports[(row, "before")] = evaluate(f"{row}-before", prune, args.subset, ppl_tok)
+    table(args, reports, recoveries)
 
 
-def table(args, work: Path, results: dict, recoveries: dict) -> None:
-    reports = {(row, st): json.loads((path / "report.json").read_text())
-               for row, stages in results.items() for st, path in stages.items()}
+def table(args, reports: dict, recoveries: dict) -> None:
+    rank = {name: i for i, name in enumerate(["dense", *ROWS, "before", *STAGES])}
+    reports = dict(sorted(reports.items(), key=lambda kv: (rank[kv[0][0]], rank[kv[0][1]])))
     dense = reports[("dense", "before")]
     langs = list(dense["perplexity"])
     print(f"\n{args.model}; recoveries: {args.tokens:,} tokens each, LoRA r 8, lr {args.lr}, "
@@ -174,8 +233,7 @@ def table(args, work: Path, results: dict, recoveries: dict) -> None:
     for (row, st), r in reports.items():
         he, eff = r["humaneval"], r["efficiency"]
         ppl = " | ".join(f"{r['perplexity'][k]['ppl']:.3f}" for k in langs)
-        rec = recoveries.get((row, st))
-        rr = json.loads((rec / "report.json").read_text()) if rec else None
+        rr = recoveries.get((row, st))
         timing = (f"{rr['seconds']:.0f} | {rr['tokens_seen']:,} | {rr['tokens_per_second']:.1f}" if rr
                   else "- | - | -")
         kept = _of_dense(dense["humaneval"]["per_problem"], he["per_problem"])
