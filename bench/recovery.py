@@ -213,7 +213,8 @@ def main() -> None:
                 step(rec.name, rec, ["recover", "--model", prune(), *data, "--out", str(rec), *common])
                 return rec
             recoveries[(row, stage)] = results.get(rec.name, recover)
-            reports[(row, stage)] = evaluate(f"{row}-{stage}", lambda rec=rec: str(rec),
+            # a fresh --work rebuilds the recovered model when only its evaluation is missing
+            reports[(row, stage)] = evaluate(f"{row}-{stage}", lambda recover=recover: str(recover()),
                                              args.subset if stage == "sft" else full, ppl_tok)
         reports[(row, "before")] = evaluate(f"{row}-before", prune, args.subset, ppl_tok)
     table(args, reports, recoveries)

@@ -54,6 +54,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -379,7 +380,8 @@ def _train(lm, cfg: RecoverConfig, inputs: _Inputs, work: Path, dev, state, resu
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=lm.adapter.lora_target_modules(cfg.targets), task_type="CAUSAL_LM",
                           bias="none")
-        model = get_peft_model(lm.model, lora)
+        with _peft_quiet():
+            model = get_peft_model(lm.model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=cfg.batch_size,
@@ -577,13 +579,23 @@ def _report(merged, cfg: RecoverConfig, inputs: _Inputs, trained: _Trained, befo
     )
 
 
+@contextlib.contextmanager
+def _peft_quiet():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``: a FutureWarning that is
+    not the user's to act on, hidden around peft's model wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _merge(model: str, dtype: str, adapter_dir: Path, masks: dict):
     """A fresh copy of ``model`` with the adapter merged in (and its zeros restored)."""
     from peft import PeftModel
 
     lm = load(model, dtype=dtype)
     try:
-        peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir))
+        with _peft_quiet():
+            peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir))
     except Exception as e:  # a damaged adapter folder
         raise CorruptModelError(f"cannot read the LoRA adapter in {adapter_dir}: {e}") from e
     lm.model = peft_model.merge_and_unload()
