@@ -1,5 +1,6 @@
 """Efficiency figures and the pass@k estimator."""
 
+import warnings
 from math import comb
 
 import pytest
@@ -59,13 +60,17 @@ def test_pass_at_k_hand_computed():
         pass_at_k(3, 1, 4)
 
 
-def test_energy_estimate_through_codecarbon(monkeypatch):
+def test_energy_estimate_through_codecarbon(monkeypatch, tmp_path):
     pytest.importorskip("codecarbon")  # the optional extra `energy` (make install installs it)
     from codeprune.evaluation.efficiency import energy_tracker
 
     monkeypatch.setenv("CODEPRUNE_ENERGY", "1")
-    with energy_tracker() as energy:
-        sum(i * i for i in range(200_000))
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated codecarbon options
+        with energy_tracker() as energy:
+            sum(i * i for i in range(200_000))
+    assert list(tmp_path.iterdir()) == []  # no emissions.csv left in the working folder
     assert energy["estimate"] is True and "codecarbon" in energy["tool"]
     assert energy["kwh"] >= 0 and energy["co2_kg"] >= 0
     monkeypatch.setenv("CODEPRUNE_ENERGY", "0")

@@ -13,6 +13,7 @@ codecarbon in offline mode when it is installed, and is an estimate.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import resource
@@ -89,11 +90,15 @@ def energy_tracker():
         if os.environ.get("CODEPRUNE_ENERGY", "1") == "0":
             raise ImportError
         from codecarbon import OfflineEmissionsTracker
+        from codecarbon.emissions_tracker import BaseEmissionsTracker
     except ImportError:
         yield result
         return
     logging.getLogger("codecarbon").setLevel(logging.ERROR)
-    tracker = OfflineEmissionsTracker(country_iso_code="USA", save_to_file=False, log_level="error")
+    # no emissions.csv: `output_methods=[]` since codecarbon 3.x, whose save_to_* flags are deprecated
+    quiet = ({"output_methods": []} if "output_methods" in inspect.signature(BaseEmissionsTracker).parameters
+             else {"save_to_file": False})
+    tracker = OfflineEmissionsTracker(country_iso_code="USA", log_level="error", **quiet)
     tracker.start()
     try:
         yield result
