@@ -12,7 +12,8 @@ reused: rerun to resume).
 
 The benchmark takes longer than one sitting, and its models take gigabytes, so the
 small part that matters is kept apart: each finished evaluation's and recovery's
-report.json is copied to ``--results`` (``bench/results/recovery``, committed).
+report.json is copied to ``--results`` (default ``bench/results/recovery``; the
+32k-token run's are committed in ``bench/results/recovery-32k``).
 A step whose result is there is never rerun, and the models it would have needed
 are never built: a later session on a fresh machine goes on where the last one
 stopped, rebuilding only what a missing result needs. ``--results`` holds the

@@ -95,7 +95,7 @@ def energy_tracker():
         yield result
         return
     logging.getLogger("codecarbon").setLevel(logging.ERROR)
-    # no emissions.csv: `output_methods=[]` since codecarbon 3.x, whose save_to_* flags are deprecated
+    # no emissions.csv: `output_methods=[]` where codecarbon has it (3.3 deprecates save_to_*)
     quiet = ({"output_methods": []} if "output_methods" in inspect.signature(BaseEmissionsTracker).parameters
              else {"save_to_file": False})
     tracker = OfflineEmissionsTracker(country_iso_code="USA", log_level="error", **quiet)
