@@ -21,7 +21,8 @@ settings it was made with (settings.json) and refuses others.
 
 - HumanEval pass@1, greedy, instruct prompts: all 164 problems for the dense model
   and after KD (``--full-problems``), a fixed 40-problem subset (every fourth
-  problem) for the other rows (``--subset``); about 40 minutes per 164 on 2 cores.
+  problem) for the other rows (``--subset``; ``--before-problems all`` evaluates the
+  pruned rows on all 164 too); about 40 minutes per 164 on 2 cores.
 - Held-out perplexity on every language corpus here (``code-ppl``), per original
   token for the vocabulary-pruned model (``--ppl-tokenizer``).
 - Recovery wall time, tokens and tokens/s (report.json of ``recover``).
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--subset", default=SUBSET, help="HumanEval problems of the rows before / after SFT")
     ap.add_argument("--full-problems", default="all",
                     help="HumanEval problems of the dense model and after KD: all, subset, or indices")
+    ap.add_argument("--before-problems", default="subset",
+                    help="HumanEval problems of the pruned rows before recovery: subset, all, or indices")
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--ppl-seq-len", type=int, default=256)
     ap.add_argument("--max-new-tokens", type=int, default=384)
@@ -155,7 +158,9 @@ def main() -> None:
 
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
-    full = {"all": "0-163", "subset": args.subset}.get(args.full_problems, args.full_problems)
+    problem_sets = {"all": "0-163", "subset": args.subset}
+    full = problem_sets.get(args.full_problems, args.full_problems)
+    before = problem_sets.get(args.before_problems, args.before_problems)
     rows = [r for r in args.rows.split(",") if r]
     stages = [s for s in args.stages.split(",") if s]
     unknown = [r for r in rows if r not in ROWS] + [s for s in stages if s not in STAGES]
@@ -217,7 +222,7 @@ def main() -> None:
             # a fresh --work rebuilds the recovered model when only its evaluation is missing
             reports[(row, stage)] = evaluate(f"{row}-{stage}", lambda recover=recover: str(recover()),
                                              args.subset if stage == "sft" else full, ppl_tok)
-        reports[(row, "before")] = evaluate(f"{row}-before", prune, args.subset, ppl_tok)
+        reports[(row, "before")] = evaluate(f"{row}-before", prune, before, ppl_tok)
     table(args, reports, recoveries)
 
 
