@@ -17,7 +17,10 @@ report.json is copied to ``--results`` (default ``bench/results/recovery``; the
 A step whose result is there is never rerun, and the models it would have needed
 are never built: a later session on a fresh machine goes on where the last one
 stopped, rebuilding only what a missing result needs. ``--results`` holds the
-settings it was made with (settings.json) and refuses others.
+settings it was made with (settings.json) and refuses others; the evaluations
+that the recovery settings (``--tokens``, ``--lr``, ``--rec-seq-len``) do not change,
+the dense model's and each row's before recovery, are taken from a folder beside it
+made with the same other settings (a new ``--lr`` does not rerun the dense model).
 
 - HumanEval pass@1, greedy, instruct prompts: all 164 problems for the dense model
   and after KD (``--full-problems``), a fixed 40-problem subset (every fourth
@@ -78,14 +81,20 @@ def step(name: str, out: Path, args: list[str]) -> float:
     return seconds
 
 
+RECOVERY_SETTINGS = ("tokens", "lr", "rec_seq_len")  # what only the recoveries and their evaluations read
+
+
 class Results:
     """Reports of finished steps in a folder that outlives ``--work`` (committed to the repo).
 
     ``settings.json`` records what the reports depend on; another setting is refused, so a
-    32k-token recovery is never read as a 200k-token one."""
+    32k-token recovery is never read as a 200k-token one. The dense model's and the pruned
+    models' evaluations before recovery do not depend on the recovery settings: a folder
+    beside this one (``bench/results/*``) whose other settings match lends them, so a
+    second learning rate does not cost the dense model's 164 problems again."""
 
     def __init__(self, folder: Path, settings: dict):
-        self.folder = folder
+        self.folder, self.settings = folder, settings
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "settings.json"
         if path.exists():
@@ -97,15 +106,31 @@ class Results:
         else:
             path.write_text(json.dumps(settings, indent=2) + "\n")
 
-    def get(self, name: str, run: Callable[[], Path]) -> dict:
-        """The report of step ``name``: from the folder, or ``run()`` (the step's output folder,
-        which holds report.json) then kept."""
+    def _lent(self, name: str) -> Path | None:
+        """``name``.json in a sibling folder made with the same settings but for the recovery's."""
+        def same(other: dict) -> bool:
+            keys = {*other, *self.settings} - set(RECOVERY_SETTINGS)
+            return all(other.get(k) == self.settings.get(k) for k in keys)
+
+        for settings in sorted(self.folder.parent.glob("*/settings.json")):
+            if settings.parent != self.folder and (settings.parent / f"{name}.json").exists() \
+                    and same(json.loads(settings.read_text())):
+                return settings.parent / f"{name}.json"
+        return None
+
+    def get(self, name: str, run: Callable[[], Path], *, recovered: bool = True) -> dict:
+        """The report of step ``name``: from the folder, from a sibling (``recovered=False``:
+        a step the recovery settings do not change), or ``run()`` (the step's output folder,
+        which holds report.json); then kept."""
         path = self.folder / f"{name}.json"
         if path.exists():
             print(f"[{name}] result in {path}", flush=True)
             return json.loads(path.read_text())
+        source = None if recovered else self._lent(name)
+        if source is not None:
+            print(f"[{name}] result from {source}", flush=True)
         tmp = path.with_suffix(".json.tmp")
-        shutil.copyfile(run() / "report.json", tmp)
+        shutil.copyfile(source or run() / "report.json", tmp)
         tmp.replace(path)
         return json.loads(path.read_text())
 
@@ -170,7 +195,8 @@ def main() -> None:
                                               "ppl_seq_len", "max_new_tokens", "samples", "subset")}
     results = Results(Path(args.results), settings)
 
-    def evaluate(name: str, model: Callable[[], str], problems: str, extra: list[str]) -> dict:
+    def evaluate(name: str, model: Callable[[], str], problems: str, extra: list[str], *,
+                 recovered: bool = True) -> dict:
         # one result per problem set: a 164-problem run never reuses a 40-problem one
         tag = {args.subset: "", "0-163": "-all"}.get(problems)
         tag = "-" + hashlib.sha1(problems.encode()).hexdigest()[:8] if tag is None else tag
@@ -183,14 +209,14 @@ def main() -> None:
                                        "--max-new-tokens", str(args.max_new_tokens), "--out", str(out),
                                        *extra])
             return out
-        return results.get(out.name, run)
+        return results.get(out.name, run, recovered=recovered)
 
     def sft_data() -> Path:
         from codeprune.models.loading import load_tokenizer
 
         return sft_file(work / "sft-completion.jsonl", args.tokens, load_tokenizer(args.model))
 
-    reports = {("dense", "before"): evaluate("dense", lambda: args.model, full, [])}
+    reports = {("dense", "before"): evaluate("dense", lambda: args.model, full, [], recovered=False)}
     recoveries: dict[tuple[str, str], dict] = {}
     common = ["--lr", args.lr, "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
               "--seq-len", str(args.rec_seq_len), "--eval-data", "none"]
@@ -222,7 +248,7 @@ def main() -> None:
             # a fresh --work rebuilds the recovered model when only its evaluation is missing
             reports[(row, stage)] = evaluate(f"{row}-{stage}", lambda recover=recover: str(recover()),
                                              args.subset if stage == "sft" else full, ppl_tok)
-        reports[(row, "before")] = evaluate(f"{row}-before", prune, before, ppl_tok)
+        reports[(row, "before")] = evaluate(f"{row}-before", prune, before, ppl_tok, recovered=False)
     table(args, reports, recoveries)
 
 
