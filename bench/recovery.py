@@ -112,10 +112,10 @@ class Results:
             keys = {*other, *self.settings} - set(RECOVERY_SETTINGS)
             return all(other.get(k) == self.settings.get(k) for k in keys)
 
-        for settings in sorted(self.folder.parent.glob("*/settings.json")):
-            if settings.parent != self.folder and (settings.parent / f"{name}.json").exists() \
-                    and same(json.loads(settings.read_text())):
-                return settings.parent / f"{name}.json"
+        for other in sorted(self.folder.parent.glob("*/settings.json")):
+            report = other.parent / f"{name}.json"
+            if other.parent != self.folder and report.exists() and same(json.loads(other.read_text())):
+                return report
         return None
 
     def get(self, name: str, run: Callable[[], Path], *, recovered: bool = True) -> dict:
@@ -130,7 +130,7 @@ class Results:
         if source is not None:
             print(f"[{name}] result from {source}", flush=True)
         tmp = path.with_suffix(".json.tmp")
-        shutil.copyfile(source or run() / "report.json", tmp)
+        shutil.copyfile(source or (run() / "report.json"), tmp)  # run() only when nothing lends it
         tmp.replace(path)
         return json.loads(path.read_text())
 
