@@ -6,7 +6,11 @@ Flab-Pruner 22%; each before recovery, after LoRA SFT on completion-style pairs
 (``instructions --style completion``: the format HumanEval instruct is
 evaluated in), after KD (LoRA, logit distillation from the dense model on
 ``code-ppl``) and after KD on the SFT pairs (``kd-pairs``: the same
-distillation, on the answers of the completion-style pairs). Every step is the
+distillation, on the answers of the completion-style pairs) and after KD on
+Flab-Pruner's data (``kd-distill``: the stdlib's functions with doctests as
+completion-style pairs, ``instructions --with-tests``; ``distill-data`` keeps those
+the pruned model fails, with the dense model's answer as the target where it passes
+the doctests; KD on them, repeated to the same token budget). Every step is the
 CLI in its own process, outputs under ``--work`` (a step whose output exists is
 reused: rerun to resume).
 
@@ -64,7 +68,7 @@ ROWS = {
     "taylor-20": ["--method", "taylor", "--importance", "element1", "--ratio", "0.2"],
     "flab-22": ["--recipe", "flab", "--target", "0.22"],
 }
-STAGES = ("sft", "kd", "kd-pairs")  # recoveries: SFT on the pairs, KD on code-ppl, KD on the pairs
+STAGES = ("sft", "kd", "kd-pairs", "kd-distill")  # SFT on the pairs; KD on code-ppl, the pairs, distill-data
 
 
 def step(name: str, out: Path, args: list[str]) -> float:
@@ -159,6 +163,18 @@ def sft_file(path: Path, tokens: int, tokenizer) -> Path:
     return write_jsonl(chosen + [{**r, "split": "eval"} for r in held], path)
 
 
+def epochs_for(path: Path, tokens: int, tokenizer, seq_len: int) -> str:
+    """Passes over the instruction file ``path`` that train about ``tokens`` tokens (at least 1):
+    a judged set is small, and every recovery gets the same budget."""
+    from codeprune.data.instructions import read_instructions
+    from codeprune.data.prompts import encode_all
+
+    examples, _ = read_instructions(str(path)).split(0.0)
+    encoded, _ = encode_all(tokenizer, examples, seq_len)
+    per_epoch = sum(len(e["input_ids"]) for e in encoded)
+    return f"{max(1.0, tokens / per_epoch):.1f}" if per_epoch else "1"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -216,6 +232,13 @@ def main() -> None:
 
         return sft_file(work / "sft-completion.jsonl", args.tokens, load_tokenizer(args.model))
 
+    def tests_data() -> Path:  # the stdlib's functions with doctests, as completion-style pairs
+        out = work / "instr-tests.jsonl"
+        step("instructions --with-tests", out, ["instructions", "--from", "python-stdlib", "--style",
+                                                "completion", "--with-tests", "--eval-fraction", "0",
+                                                "--out", str(out)])
+        return out
+
     reports = {("dense", "before"): evaluate("dense", lambda: args.model, full, [], recovered=False)}
     recoveries: dict[tuple[str, str], dict] = {}
     common = ["--lr", args.lr, "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
@@ -230,19 +253,31 @@ def main() -> None:
             return str(pruned)
         ppl_tok = ["--ppl-tokenizer", args.model] if row.startswith("flab") else []
         # the 164-problem evaluations after KD first: the longest, and what the targets read
-        for stage in [s for s in ("kd", "kd-pairs", "sft") if s in stages]:
+        for stage in [s for s in ("kd", "kd-pairs", "kd-distill", "sft") if s in stages]:
             rec = work / f"{stage}-{row}"
 
-            def recover(stage=stage, rec=rec, prune=prune) -> Path:
-                kd = ["--teacher", args.model, "--kd"]
+            def recover(stage=stage, rec=rec, prune=prune, row=row) -> Path:
+                kd, epochs = ["--teacher", args.model, "--kd"], []
                 if stage == "sft":
                     data = ["--data", str(sft_data()), "--eval-fraction", "0"]
                 elif stage == "kd":
                     data = [*kd, "--data", "code-ppl", "--tokens", str(args.tokens),
                             "--eval-fraction", "0.02"]
-                else:
+                elif stage == "kd-pairs":
                     data = [*kd, "--data", str(sft_data()), "--eval-fraction", "0"]
-                step(rec.name, rec, ["recover", "--model", prune(), *data, "--out", str(rec), *common])
+                else:  # kd-distill: Flab-Pruner's strategy, judged by the doctests
+                    from codeprune.models.loading import load_tokenizer
+
+                    judged = work / f"distill-{row}.jsonl"
+                    step(f"distill-data {row}", judged, [
+                        "distill-data", "--original", args.model, "--pruned", prune(), "--data",
+                        str(tests_data()), "--max-new-tokens", str(args.max_new_tokens),
+                        "--out", str(judged)])
+                    data = [*kd, "--data", str(judged), "--eval-fraction", "0"]
+                    epochs = ["--epochs", epochs_for(judged, args.tokens, load_tokenizer(args.model),
+                                                     args.rec_seq_len)]  # after common's: the one read
+                step(rec.name, rec, ["recover", "--model", prune(), *data, "--out", str(rec), *common,
+                                     *epochs])
                 return rec
             recoveries[(row, stage)] = results.get(rec.name, recover)
             # a fresh --work rebuilds the recovered model when only its evaluation is missing
@@ -259,7 +294,8 @@ def table(args, reports: dict, recoveries: dict) -> None:
     langs = list(dense["perplexity"])
     print(f"\n{args.model}; recoveries: {args.tokens:,} tokens each, LoRA r 8, lr {args.lr}, "
           f"seq {args.rec_seq_len}, 1 epoch (SFT: completion-style stdlib pairs; KD: code-ppl; "
-          "KD-pairs: the SFT pairs' answers; teacher = the dense model)\n")
+          "KD-pairs: the SFT pairs' answers; KD-distill: distill-data on the stdlib's doctested "
+          "functions, repeated to the budget; teacher = the dense model)\n")
     print("| model | stage | params | pass@1 (problems) | of dense | "
           + " | ".join(f"ppl {k.split(':')[0]}" for k in langs) + " | recovery s | tokens | tok/s |")
     print("|---|---|---|---|---|" + "---|" * len(langs) + "---|---|---|")
