@@ -117,6 +117,32 @@ def test_masks_only_for_sparse_linears():
     assert list(sparse_masks(lm)) == ["model.layers.0.mlp.up_proj"]
 
 
+@pytest.mark.parametrize("report, masked", [
+    (None, True),                                                    # no report: the zeros decide
+    ({"kind": "prune", "pruning": "unstructured"}, True),
+    ({"kind": "prune", "pruning": "structured"}, False),             # the source's zeros (a 4-bit GGUF's)
+    ({"kind": "prune", "pruning": "recipe", "stages": [{"stage": "vocab"}, {"pruning": "structured"}]},
+     False),
+    ({"kind": "prune", "pruning": "recipe", "stages": [{"stage": "vocab"}, {"pruning": "unstructured"}]},
+     True),
+    ({"kind": "recover", "masks_kept": 0}, False),
+    ({"kind": "recover", "masks_kept": 14}, True),
+])
+def test_the_checkpoints_report_says_whether_its_zeros_are_a_mask(tmp_path, report, masked):
+    from codeprune.models.loading import load_model
+
+    lm = make_tiny("llama")
+    with torch.no_grad():
+        lm.adapter.linears(lm.adapter.layers()[0])["up_proj"].weight[:, :10] = 0  # like quantization zeros
+    folder = tiny_folder(tmp_path, lm)
+    if report is not None:
+        (tmp_path / "tiny" / "report.json").write_text(json.dumps(report))
+    loaded = load_model(folder)
+    assert list(sparse_masks(loaded)) == (["model.layers.0.mlp.up_proj"] if masked else [])
+    assert list(sparse_masks(loaded, "always"))  # the user's word wins either way
+    assert sparse_masks(loaded, "never") == {}
+
+
 def test_a_per_layer_model_recovers_and_reloads(tmp_path):
     lm = make_tiny("qwen2", num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4)
     x = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -116,7 +116,8 @@ class RecoverConfig:
     save_steps: int | None = opt(None, "steps between checkpoints (default: --eval-steps)", type=int)
     seed: int = opt(0, "seed of the Trainer: data order and LoRA initialisation")
     keep_mask: str = opt("auto", "restore the zeros of sparse Linears after the merge (auto: those with "
-                         ">= 1% zeros)", choices=("auto", "always", "never"))
+                         ">= 1% zeros, unless the checkpoint's report says it was not pruned "
+                         "unstructured)", choices=("auto", "always", "never"))
     full: bool = opt(False, "fine-tune every weight of the pruned model instead of LoRA adapters (zeros of "
                      "sparse Linears stay zero)")
     kd: bool = opt(False, "distill from --teacher: KL(teacher || student) on the next-token distributions")
@@ -165,9 +166,36 @@ class RecoverConfig:
                                   "drop " + ("it" if len(unused) == 1 else "them"))
 
 
+def zeros_are_pruned(lm) -> bool | None:
+    """What the checkpoint's own codeprune report says of its exact zeros.
+
+    True when it was pruned unstructured or N:M (a method, or a recipe stage), or is a
+    recovery that kept masks; False for every other codeprune result (structured,
+    vocabulary, layers): exact zeros there are the source's, e.g. the zero level of a
+    4-bit GGUF dequantized to bfloat16 (4-11% of each Linear of the offline
+    qwen2.5-coder-0.5b), and must not freeze those weights. None without a report."""
+    path = lm.origin.get("path")
+    report = Path(path) / "report.json" if path else None
+    if report is None or not report.is_file():
+        return None
+    try:
+        r = json.loads(report.read_text())
+    except (OSError, ValueError):
+        return None
+    if r.get("kind") == "prune":
+        stages = [s for s in r.get("stages") or [] if isinstance(s, dict)]
+        return "unstructured" in {r.get("pruning"), *(s.get("pruning") for s in stages)}
+    if r.get("kind") == "recover":
+        return bool(r.get("masks_kept"))
+    return None
+
+
 def sparse_masks(lm, mode: str = "auto") -> dict[str, torch.Tensor]:
-    """{module name: bool mask of the kept weights} of the decoder Linears to keep sparse."""
-    if mode == "never":
+    """{module name: bool mask of the kept weights} of the decoder Linears to keep sparse.
+
+    ``auto``: the Linears with at least MASK_MIN_SPARSITY exact zeros, unless the
+    checkpoint's report says its zeros are not a pruning pattern (``zeros_are_pruned``)."""
+    if mode == "never" or (mode == "auto" and zeros_are_pruned(lm) is False):
         return {}
     names = {id(m): n for n, m in lm.model.named_modules()}
     masks = {}
