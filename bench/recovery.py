@@ -241,7 +241,7 @@ def main() -> None:
 
     reports = {("dense", "before"): evaluate("dense", lambda: args.model, full, [], recovered=False)}
     recoveries: dict[tuple[str, str], dict] = {}
-    common = ["--lr", args.lr, "--epochs", "1", "--batch-size", "4", "--grad-accum", "1",
+    common = ["--lr", args.lr, "--batch-size", "4", "--grad-accum", "1",
               "--seq-len", str(args.rec_seq_len), "--eval-data", "none"]
     for row in rows:
         pruned = work / f"pruned-{row}"
@@ -257,7 +257,7 @@ def main() -> None:
             rec = work / f"{stage}-{row}"
 
             def recover(stage=stage, rec=rec, prune=prune, row=row) -> Path:
-                kd, epochs = ["--teacher", args.model, "--kd"], []
+                kd, epochs = ["--teacher", args.model, "--kd"], ["--epochs", "1"]
                 if stage == "sft":
                     data = ["--data", str(sft_data()), "--eval-fraction", "0"]
                 elif stage == "kd":
@@ -275,7 +275,7 @@ def main() -> None:
                         "--out", str(judged)])
                     data = [*kd, "--data", str(judged), "--eval-fraction", "0"]
                     epochs = ["--epochs", epochs_for(judged, args.tokens, load_tokenizer(args.model),
-                                                     args.rec_seq_len)]  # after common's: the one read
+                                                     args.rec_seq_len)]
                 step(rec.name, rec, ["recover", "--model", prune(), *data, "--out", str(rec), *common,
                                      *epochs])
                 return rec

@@ -37,6 +37,18 @@ def as_loaded(model: str | LoadedModel, dtype, seq_len: int) -> LoadedModel:
     return lm
 
 
+def own_report(lm: LoadedModel, folder: str | Path | None = None) -> dict:
+    """The report.json a codeprune checkpoint carries (``folder``, else where ``lm`` was
+    loaded from), read leniently: {} when there is none or it cannot be read. For what a
+    result says of itself (its base model, how it was pruned), never validated as a schema."""
+    folder = folder or lm.origin.get("path")
+    try:
+        report = json.loads((Path(str(folder)) / "report.json").read_text()) if folder else {}
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def local_paths(*sources) -> list[Path]:
     """The files and folders on this machine that ``sources`` (model names, data specs) read:
     a folder or file given by path, an offline alias's cache folder; hub ids and built-in

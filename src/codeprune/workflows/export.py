@@ -11,7 +11,6 @@ in one line; write the GGUF atomically, then the Modelfile.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from codeprune.models.gguf_export import (
 from codeprune.models.loading import LoadedModel
 from codeprune.models.offline import source_gguf_kv
 from codeprune.outputs import write_file_atomically
-from codeprune.workflows.common import check_out, load, releasing_outputs
+from codeprune.workflows.common import check_out, load, own_report, releasing_outputs
 
 
 @dataclass
@@ -72,11 +71,7 @@ def preflight(lm: LoadedModel, gguf_type: str) -> None:
 
 def _base_name(model, lm: LoadedModel) -> str:
     """The model a run was pruned from (its report.json names it), else the model itself."""
-    folder = Path(str(lm.origin.get("path") or model))
-    try:
-        return json.loads((folder / "report.json").read_text()).get("model") or str(model)
-    except (OSError, ValueError, TypeError):
-        return str(model)
+    return own_report(lm, lm.origin.get("path") or model).get("model") or str(model)
 
 
 def export_loaded(lm: LoadedModel, gguf: str | Path, *, gguf_type: str = "f16", overwrite: bool = False,

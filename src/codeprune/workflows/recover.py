@@ -85,7 +85,7 @@ from codeprune.reporting.schema import (
     TrainingSettings,
 )
 from codeprune.reporting.writer import write_report
-from codeprune.workflows.common import check_out, load, releasing_outputs, weights_bytes
+from codeprune.workflows.common import check_out, load, own_report, releasing_outputs, weights_bytes
 from codeprune.workflows.kd import kd_trainer_class, vocabulary_map
 
 LORA_TARGETS = DecoderAdapter.sublayer_names  # canonical names; the adapter maps them to module names
@@ -174,14 +174,7 @@ def zeros_are_pruned(lm) -> bool | None:
     vocabulary, layers): exact zeros there are the source's, e.g. the zero level of a
     4-bit GGUF dequantized to bfloat16 (4-11% of each Linear of the offline
     qwen2.5-coder-0.5b), and must not freeze those weights. None without a report."""
-    path = lm.origin.get("path")
-    report = Path(path) / "report.json" if path else None
-    if report is None or not report.is_file():
-        return None
-    try:
-        r = json.loads(report.read_text())
-    except (OSError, ValueError):
-        return None
+    r = own_report(lm)
     if r.get("kind") == "prune":
         stages = [s for s in r.get("stages") or [] if isinstance(s, dict)]
         return "unstructured" in {r.get("pruning"), *(s.get("pruning") for s in stages)}
