@@ -85,7 +85,8 @@ def step(name: str, out: Path, args: list[str]) -> float:
     return seconds
 
 
-RECOVERY_SETTINGS = ("tokens", "lr", "rec_seq_len")  # what only the recoveries and their evaluations read
+# what only the recoveries and their evaluations read
+RECOVERY_SETTINGS = ("tokens", "lr", "rec_seq_len", "kd_alpha")
 
 
 class Results:
@@ -184,6 +185,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=count, default=200_000, help="training tokens of each recovery")
     ap.add_argument("--lr", default="2e-4")
     ap.add_argument("--rec-seq-len", type=int, default=512)
+    ap.add_argument("--kd-alpha", default=None,
+                    help="the KD stages' cross-entropy share (recover --kd-alpha; default recover's 0)")
     ap.add_argument("--subset", default=SUBSET, help="HumanEval problems of the rows before / after SFT")
     ap.add_argument("--full-problems", default="all",
                     help="HumanEval problems of the dense model and after KD: all, subset, or indices")
@@ -209,6 +212,8 @@ def main() -> None:
         ap.error(f"unknown rows / stages: {', '.join(unknown)}")
     settings = {k: getattr(args, k) for k in ("model", "tokens", "lr", "rec_seq_len", "ppl_windows",
                                               "ppl_seq_len", "max_new_tokens", "samples", "subset")}
+    if args.kd_alpha is not None:  # recorded only when given: folders made before the flag stay valid
+        settings["kd_alpha"] = args.kd_alpha
     results = Results(Path(args.results), settings)
 
     def evaluate(name: str, model: Callable[[], str], problems: str, extra: list[str], *,
@@ -258,6 +263,8 @@ def main() -> None:
 
             def recover(stage=stage, rec=rec, prune=prune, row=row) -> Path:
                 kd, epochs = ["--teacher", args.model, "--kd"], ["--epochs", "1"]
+                if args.kd_alpha is not None:
+                    kd += ["--kd-alpha", args.kd_alpha]
                 if stage == "sft":
                     data = ["--data", str(sft_data()), "--eval-fraction", "0"]
                 elif stage == "kd":
@@ -292,7 +299,8 @@ def table(args, reports: dict, recoveries: dict) -> None:
     reports = dict(sorted(reports.items(), key=lambda kv: (rank[kv[0][0]], rank[kv[0][1]])))
     dense = reports[("dense", "before")]
     langs = list(dense["perplexity"])
-    print(f"\n{args.model}; recoveries: {args.tokens:,} tokens each, LoRA r 8, lr {args.lr}, "
+    alpha = f", KD alpha {args.kd_alpha}" if args.kd_alpha is not None else ""
+    print(f"\n{args.model}; recoveries: {args.tokens:,} tokens each, LoRA r 8, lr {args.lr}{alpha}, "
           f"seq {args.rec_seq_len}, 1 epoch (SFT: completion-style stdlib pairs; KD: code-ppl; "
           "KD-pairs: the SFT pairs' answers; KD-distill: distill-data on the stdlib's doctested "
           "functions, repeated to the budget; teacher = the dense model)\n")
