@@ -22,9 +22,10 @@ A step whose result is there is never rerun, and the models it would have needed
 are never built: a later session on a fresh machine goes on where the last one
 stopped, rebuilding only what a missing result needs. ``--results`` holds the
 settings it was made with (settings.json) and refuses others; the evaluations
-that the recovery settings (``--tokens``, ``--lr``, ``--rec-seq-len``) do not change,
-the dense model's and each row's before recovery, are taken from a folder beside it
-made with the same other settings (a new ``--lr`` does not rerun the dense model).
+that the recovery settings (``--tokens``, ``--lr``, ``--rec-seq-len``, ``--kd-alpha``) do
+not change, the dense model's and each row's before recovery, are taken from a folder
+beside it made with the same other settings (a new ``--lr`` does not rerun the dense
+model). ``--kd-alpha`` is recorded only when given, so folders made before it stay valid.
 
 - HumanEval pass@1, greedy, instruct prompts: all 164 problems for the dense model
   and after KD (``--full-problems``), a fixed 40-problem subset (every fourth
@@ -212,7 +213,7 @@ def main() -> None:
         ap.error(f"unknown rows / stages: {', '.join(unknown)}")
     settings = {k: getattr(args, k) for k in ("model", "tokens", "lr", "rec_seq_len", "ppl_windows",
                                               "ppl_seq_len", "max_new_tokens", "samples", "subset")}
-    if args.kd_alpha is not None:  # recorded only when given: folders made before the flag stay valid
+    if args.kd_alpha is not None:
         settings["kd_alpha"] = args.kd_alpha
     results = Results(Path(args.results), settings)
 
